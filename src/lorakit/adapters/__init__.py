@@ -1,0 +1,1 @@
+"""Adapter algorithms: pure ΔW math (functional/) and parameter-owning modules (modules/)."""

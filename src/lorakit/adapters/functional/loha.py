@@ -1,0 +1,78 @@
+"""LoHa math (FedPara): ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b).
+
+Layouts (as LyCORIS writes them):
+    plain   w1a, w2a [out, r]   w1b, w2b [r, in·kh·kw]  (2-D even for convs; reshaped to the weight shape)
+    Tucker  t1, t2 [r, r, kh, kw]   w1a, w2a [r, out]   w1b, w2b [r, in]
+            Wj[o,i,h,w] = Σ_ab tj[a,b,h,w] · wja[a,o] · wjb[b,i];  ΔW = scale · W1 ⊙ W2
+A rank-r LoHa reaches rank r² (elementwise product of two rank-r matrices).
+"""
+from __future__ import annotations
+
+import torch
+
+from lorakit.adapters.functional.layer import LayerSpec
+
+
+class _HadamardProduct(torch.autograd.Function):
+    """scale · (w1a@w1b) ⊙ (w2a@w2b) that saves only the factors.
+
+    Autograd would keep both full-size products (2 x out·in·k² floats) alive until backward; this
+    recomputes them in backward instead, one at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, w1a, w1b, w2a, w2b, scale: float):
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        return (w1a @ w1b) * (w2a @ w2b) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        grad = grad * ctx.scale
+        g1 = grad * (w2a @ w2b)  # ∂/∂(w1a@w1b)
+        grad_w1a, grad_w1b = g1 @ w1b.T, w1a.T @ g1
+        del g1
+        g2 = grad * (w1a @ w1b)  # ∂/∂(w2a@w2b)
+        grad_w2a, grad_w2b = g2 @ w2b.T, w2a.T @ g2
+        return grad_w1a, grad_w1b, grad_w2a, grad_w2b, None
+
+
+def rebuild_tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """W[o,i,h,w] = Σ_ab t[a,b,h,w] · wa[a,o] · wb[b,i]  (t [r,r,kh,kw], wa [r,out], wb [r,in])."""
+    return torch.einsum("abhw,ao,bi->oihw", t, wa, wb)
+
+
+def delta_weight(weights: dict[str, torch.Tensor], scale: float, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    if "t1" in weights:
+        w1 = rebuild_tucker(weights["t1"], weights["w1a"], weights["w1b"])
+        w2 = rebuild_tucker(weights["t2"], weights["w2a"], weights["w2b"])
+        return (w1 * w2 * scale).reshape(weight_shape)
+    dw = _HadamardProduct.apply(weights["w1a"], weights["w1b"], weights["w2a"], weights["w2b"], scale)
+    return dw.reshape(weight_shape)
+
+
+def rank_of(weights: dict[str, torch.Tensor]) -> int:
+    return weights["w1b"].shape[0]
+
+
+def init_weights(spec: LayerSpec, rank: int, use_tucker: bool = False, dtype=None, device=None,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """LyCORIS init: w1b, w2b ~ N(0,1); w1a ~ N(0, 0.1); w2a = 0 so ΔW = 0 at step 0; t1, t2 ~ N(0, 0.1)."""
+    out_ch, in_ch, kernel = spec.out_features, spec.in_features, spec.kernel
+    tucker = use_tucker and spec.is_conv and kernel != (1, 1)
+    k = 1
+    for s in kernel:
+        k *= s
+
+    def normal(shape, std):
+        return torch.randn(shape, dtype=dtype, device=device, generator=generator) * std
+
+    if tucker:
+        w = {"t1": normal((rank, rank, *kernel), 0.1), "w1a": normal((rank, out_ch), 0.1),
+             "w1b": normal((rank, in_ch), 1.0), "t2": normal((rank, rank, *kernel), 0.1),
+             "w2a": torch.zeros((rank, out_ch), dtype=dtype, device=device), "w2b": normal((rank, in_ch), 1.0)}
+    else:
+        w = {"w1a": normal((out_ch, rank), 0.1), "w1b": normal((rank, in_ch * k), 1.0),
+             "w2a": torch.zeros((out_ch, rank), dtype=dtype, device=device), "w2b": normal((rank, in_ch * k), 1.0)}
+    return w

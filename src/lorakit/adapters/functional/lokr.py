@@ -1,0 +1,117 @@
+"""LoKr math: ΔW = scale · kron(W1, W2).
+
+With (a, b) = factorization(out) and (c, d) = factorization(in):
+    W1 [a, c]               full `w1`, or `w1a [a, r] @ w1b [r, c]`
+    W2 [b, d(, kh, kw)]     full `w2`, or `w2a [b, r] @ w2b [r, d·kh·kw]` (w2b may be 4-D [r, d, kh, kw]),
+                            or Tucker `t2 [r, r, kh, kw]`, `w2a [r, b]`, `w2b [r, d]`
+ΔW[i·b+p, j·d+q, ...] = W1[i, j] · W2[p, q, ...].
+Scale is alpha / r when a side is factorised, and 1 when both sides are full matrices (the rule A1111,
+ComfyUI and LyCORIS apply, whatever alpha the file holds).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.functional.loha import rebuild_tucker
+from lorakit.adapters.functional.lora import kaiming_uniform_
+
+
+def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n) with m <= n and m·n = dim.
+
+    factor > 0 dividing dim gives (factor, dim/factor) sorted; otherwise the most balanced split whose
+    smaller side is at most `factor` (no cap for factor <= 0). Same results as LyCORIS.
+    """
+    if factor > 0 and dim % factor == 0:
+        m, n = factor, dim // factor
+        return (m, n) if m <= n else (n, m)
+    cap = dim if factor <= 0 else factor
+    best = 1
+    for m in range(1, math.isqrt(dim) + 1):
+        if dim % m == 0 and m <= cap:
+            best = m
+    return best, dim // best
+
+
+def full_w1(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    return weights["w1"] if "w1" in weights else weights["w1a"] @ weights["w1b"]
+
+
+def full_w2(weights: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """W2 with shape (b, d, *kernel)."""
+    if "w2" in weights:
+        return weights["w2"]
+    if "t2" in weights:
+        return rebuild_tucker(weights["t2"], weights["w2a"], weights["w2b"])
+    w2a, w2b = weights["w2a"], weights["w2b"]
+    b = w2a.shape[0]
+    w1_shape = weights["w1"].shape if "w1" in weights else (weights["w1a"].shape[0], weights["w1b"].shape[1])
+    d = weight_shape[1] // w1_shape[1]
+    return (w2a @ w2b.reshape(w2b.shape[0], -1)).reshape(b, d, *weight_shape[2:])
+
+
+def is_factorised(weights: dict[str, torch.Tensor]) -> bool:
+    return "w1b" in weights or "w2b" in weights
+
+
+def rank_of(weights: dict[str, torch.Tensor]) -> int | None:
+    """Rank used for alpha/r: from w1b or w2b (as ComfyUI reads it, correct for Tucker files too)."""
+    if "w1b" in weights:
+        return weights["w1b"].shape[0]
+    if "w2b" in weights:
+        return weights["w2b"].shape[0]
+    return None
+
+
+def scale_for(weights: dict[str, torch.Tensor], alpha: float | None) -> float:
+    rank = rank_of(weights)
+    if rank is None or alpha is None or float(alpha) == 0.0:
+        return 1.0
+    return float(alpha) / rank
+
+
+def delta_weight(weights: dict[str, torch.Tensor], scale: float, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    w1 = full_w1(weights) * scale  # scale the small factor
+    w2 = full_w2(weights, weight_shape)
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    return torch.kron(w1, w2).reshape(weight_shape)
+
+
+def plan_shapes(spec: LayerSpec, rank: int, factor: int = -1, decompose_both: bool = False,
+                use_tucker: bool = False, full_matrix: bool = False) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes, with LyCORIS's rules for which side is factorised."""
+    a, b = factorization(spec.out_features, factor)
+    c, d = factorization(spec.in_features, factor)
+    kernel = spec.kernel
+    shapes: dict[str, tuple[int, ...]] = {}
+    if decompose_both and rank < max(a, c) / 2 and not full_matrix:
+        shapes.update(w1a=(a, rank), w1b=(rank, c))
+    else:
+        shapes["w1"] = (a, c)
+    if full_matrix or rank >= max(b, d) / 2:
+        shapes["w2"] = (b, d, *kernel)
+    elif use_tucker and spec.is_conv and kernel != (1, 1):
+        shapes.update(t2=(rank, rank, *kernel), w2a=(rank, b), w2b=(rank, d))
+    else:
+        shapes.update(w2a=(b, rank), w2b=(rank, d * math.prod(kernel)))
+    return shapes
+
+
+def init_weights(spec: LayerSpec, rank: int, factor: int = -1, decompose_both: bool = False,
+                 use_tucker: bool = False, full_matrix: bool = False, dtype=None, device=None,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """LyCORIS init: W1 side kaiming; full w2 zeros; w2a kaiming, w2b zeros; t2 kaiming. ΔW = 0 at step 0."""
+    shapes = plan_shapes(spec, rank, factor, decompose_both, use_tucker, full_matrix)
+    weights = {}
+    for name, shape in shapes.items():
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if name in ("w2", "w2b"):
+            t.zero_()
+        else:
+            kaiming_uniform_(t, generator)
+        weights[name] = t
+    return weights

@@ -1,0 +1,86 @@
+"""LoRA / LoCon math.
+
+Layouts (kohya and LyCORIS files use exactly these):
+    Linear      down [r, in]           up [out, r]
+    Conv kxk    down [r, in, kh, kw]   up [out, r, 1, 1]        (down carries stride/padding/dilation)
+    Tucker      down [r, in, 1, 1]     mid [r, r, kh, kw]        up [out, r, 1, 1]
+
+ΔW = scale · up @ down (im2col view for convs); Tucker: ΔW[o,i,h,w] = scale · Σ_ab up[o,a] mid[a,b,h,w] down[b,i].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.adapters.functional.layer import LayerSpec
+
+
+def delta_weight(down: torch.Tensor, up: torch.Tensor, scale: float, mid: torch.Tensor | None = None) -> torch.Tensor:
+    out_ch, rank = up.shape[0], down.shape[0]
+    up2 = up.reshape(out_ch, rank) * scale  # scale the small factor, not the full ΔW
+    if mid is None:
+        return (up2 @ down.reshape(rank, -1)).reshape(out_ch, *down.shape[1:])
+    return torch.einsum("oa,abhw,bi->oihw", up2, mid, down.reshape(rank, -1))
+
+
+def bypass_delta(x: torch.Tensor, spec: LayerSpec, down: torch.Tensor, up: torch.Tensor, scale: float,
+                 mid: torch.Tensor | None = None, rank_mask: torch.Tensor | None = None,
+                 dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """ΔW·x without building ΔW: up(down(x)) · scale, with optional dropouts on the rank activations.
+
+    rank_mask: (batch, r) keep-mask already rescaled by 1/(1-p) (rank_dropout).
+    """
+    if not spec.is_conv:
+        h = F.linear(x, down)  # (..., r)
+    elif mid is None:
+        h = F.conv2d(x, down, None, spec.stride, spec.padding, spec.dilation)  # (B, r, H', W')
+    else:
+        h = F.conv2d(x, down)
+        h = F.conv2d(h, mid, None, spec.stride, spec.padding, spec.dilation)
+    if dropout > 0.0 and training:
+        h = F.dropout(h, dropout, training=True)
+    if rank_mask is not None:
+        h = h * (rank_mask.view(rank_mask.shape[0], *([1] * (h.dim() - 2)), -1) if not spec.is_conv
+                 else rank_mask.view(*rank_mask.shape, 1, 1))
+    up_scaled = up * scale  # (out, r[,1,1]): scaling the small weight saves a pass over the output
+    return F.linear(h, up_scaled) if not spec.is_conv else F.conv2d(h, up_scaled)
+
+
+def init_weights(spec: LayerSpec, rank: int, use_tucker: bool = False, dtype=None, device=None,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """microsoft/LoRA init: down (and mid) kaiming-uniform with a = sqrt(5), up zeros, so ΔW = 0 at step 0."""
+    out_ch, in_ch, kernel = spec.out_features, spec.in_features, spec.kernel
+    tucker = use_tucker and spec.is_conv and kernel != (1, 1)
+    if not spec.is_conv:
+        shapes = {"down": (rank, in_ch), "up": (out_ch, rank)}
+    elif tucker:
+        shapes = {"down": (rank, in_ch, 1, 1), "mid": (rank, rank, *kernel), "up": (out_ch, rank, 1, 1)}
+    else:
+        shapes = {"down": (rank, in_ch, *kernel), "up": (out_ch, rank, 1, 1)}
+    weights = {}
+    for name, shape in shapes.items():
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if name == "up":
+            t.zero_()
+        else:
+            kaiming_uniform_(t, generator)
+        weights[name] = t
+    return weights
+
+
+def kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """nn.init.kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), with an optional generator."""
+    fan_in = t[0].numel()
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        return t.uniform_(-bound, bound, generator=generator)
+
+
+def flops(spec: LayerSpec, rank: int, positions: int, tucker: bool = False) -> int:
+    """Multiply-adds of the bypass path for `positions` output positions (batch x H' x W' or tokens)."""
+    k = math.prod(spec.kernel) if spec.is_conv else 1
+    down = rank * spec.in_features * (1 if tucker else k)
+    mid = rank * rank * k if tucker else 0
+    return positions * (down + mid + rank * spec.out_features)

@@ -1,0 +1,1 @@
+"""nn.Module wrappers that own adapter parameters and call the functional math."""

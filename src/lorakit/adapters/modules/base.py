@@ -1,0 +1,209 @@
+"""AdapterModule: parameters + dropouts + bypass/merged forward + merge/unmerge, shared by all algorithms.
+
+An adapter is attached to a frozen Linear/Conv2d by replacing that layer's instance `forward`, so the
+base model's state_dict keeps its own keys (a merged model saves like the original) and the adapter's
+parameters live only in the network.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit.adapters.functional.layer import LayerSpec
+
+FORWARD_MODES = ("auto", "bypass", "merged")
+
+
+@dataclass(frozen=True)
+class Dropouts:
+    """Training-only regularisers (kohya semantics).
+
+    dropout: F.dropout on the rank activations (LoRA/LoCon only).
+    rank_dropout: per-sample keep-mask over the rank, rescaled by 1/(1-p).
+    module_dropout: skip the whole adapter for a call with probability p.
+    """
+
+    dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("dropout", "rank_dropout", "module_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+
+
+class AdapterModule(nn.Module):
+    algo: str = ""
+    weight_names: tuple[str, ...] = ()
+
+    def __init__(self, spec: LayerSpec, weights: dict[str, torch.Tensor], alpha: float | None,
+                 dropouts: Dropouts = Dropouts(), forward_mode: str = "auto"):
+        super().__init__()
+        if forward_mode not in FORWARD_MODES:
+            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
+        self.spec = spec
+        for name, tensor in weights.items():
+            self.register_parameter(name, nn.Parameter(tensor))
+        self.param_names = tuple(weights)
+        rank = self.rank
+        alpha = float(rank if alpha is None or float(alpha) == 0.0 else alpha)
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        self.multiplier = 1.0
+        self.dropouts = dropouts
+        self.forward_mode = forward_mode
+        self._layer: list[nn.Module] = []  # hidden from named_parameters(): the base layer is not ours
+        self._merged = False
+        self._backup: torch.Tensor | None = None
+        self._chosen: dict[tuple, str] = {}
+        if forward_mode == "bypass" and self.bypass_flops(1) is None:
+            raise ValueError(f"{self.algo} has no bypass path; use forward_mode 'merged' or 'auto'")
+
+    # ---- per-algorithm math, implemented by subclasses -------------------------------------
+    @property
+    def rank(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW (without the multiplier), shaped like the base weight."""
+        raise NotImplementedError
+
+    def bypass_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """ΔW·x without building ΔW, or None when the algorithm has no cheaper path."""
+        return None
+
+    def bypass_flops(self, positions: int) -> int | None:
+        return None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.param_names}
+
+    # ---- attaching to a frozen layer ---------------------------------------------------------
+    @property
+    def layer(self) -> nn.Module:
+        if not self._layer:
+            raise RuntimeError("adapter is not attached to a layer")
+        return self._layer[0]
+
+    def attach(self, layer: nn.Module) -> None:
+        if LayerSpec.of(layer).weight_shape != self.spec.weight_shape:
+            raise ValueError(f"adapter expects weight {self.spec.weight_shape}, layer has {tuple(layer.weight.shape)}")
+        if "forward" in layer.__dict__:
+            raise RuntimeError(f"layer {type(layer).__name__} already has an adapter attached")
+        self._layer = [layer]
+        layer.forward = self.forward
+
+    def detach(self) -> None:
+        if self._merged:
+            self.unmerge()
+        if self._layer:
+            del self.layer.__dict__["forward"]
+            self._layer = []
+
+    # ---- forward -----------------------------------------------------------------------------
+    def _base(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        layer = self.layer
+        return self.spec.apply(x, layer.weight if weight is None else weight, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._merged or self.multiplier == 0.0:
+            return self._base(x)
+        if self.training and self.dropouts.module_dropout > 0.0:
+            if torch.rand((), device="cpu").item() < self.dropouts.module_dropout:
+                return self._base(x)
+        if self._mode_for(x) == "bypass":
+            delta = self.bypass_delta(x)
+            y = self._base(x)
+            return y + delta if self.multiplier == 1.0 else y + delta * self.multiplier
+        weight = self.layer.weight
+        dw = self.training_delta_weight().to(weight.dtype)
+        return self._base(x, weight + dw * self.multiplier)
+
+    def training_delta_weight(self) -> torch.Tensor:
+        """ΔW with rank_dropout applied (LoHa/LoKr: a mask over output rows, rescaled by 1/(1-p))."""
+        dw = self.delta_weight()
+        p = self.dropouts.rank_dropout
+        if self.training and p > 0.0:
+            keep = (torch.rand(dw.shape[0], device=dw.device) >= p).to(dw.dtype) / (1.0 - p)
+            dw = dw * keep.view(-1, *([1] * (dw.dim() - 1)))
+        return dw
+
+    def _mode_for(self, x: torch.Tensor) -> str:
+        if self.forward_mode != "auto":
+            return self.forward_mode
+        if self.training and self.bypass_flops(1) is not None and (
+                self.dropouts.dropout > 0.0 or self.dropouts.rank_dropout > 0.0):
+            return "bypass"  # per-sample masks on rank activations exist only on the bypass path
+        key = (tuple(x.shape), torch.is_grad_enabled())
+        mode = self._chosen.get(key)
+        if mode is None:
+            mode = self._choose_mode(x)
+            self._chosen[key] = mode
+        return mode
+
+    def _choose_mode(self, x: torch.Tensor) -> str:
+        """Pick the cheaper exact path from multiply-add counts.
+
+        bypass: base conv (fwd + grad-input) + adapter path (3x its forward: fwd, grad-input, grad-weight)
+        merged: base conv with W+ΔW (fwd + grad-input + grad-weight for ΔW) + building ΔW (3x in training)
+        """
+        positions = self._output_positions(x)
+        adapter = self.bypass_flops(positions)
+        if adapter is None:
+            return "merged"
+        base = positions * math.prod(self.spec.weight_shape)
+        build = math.prod(self.spec.weight_shape) * self.rank
+        if torch.is_grad_enabled():
+            return "bypass" if 3 * adapter < base + 3 * build else "merged"
+        return "bypass" if adapter < build else "merged"
+
+    def _output_positions(self, x: torch.Tensor) -> int:
+        if not self.spec.is_conv:
+            return x.numel() // x.shape[-1]
+        kh, kw = self.spec.kernel
+        (sh, sw), (dh, dw) = self.spec.stride, self.spec.dilation
+        pad = self.spec.padding
+        ph, pw = (kh // 2 * dh, kw // 2 * dw) if isinstance(pad, str) else pad
+        h = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        w = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return x.shape[0] * h * w
+
+    # ---- merge / unmerge ---------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += multiplier · ΔW in place (computed in float32). unmerge() restores W exactly."""
+        if self._merged:
+            return
+        weight = self.layer.weight
+        if weight.dtype not in (torch.float32, torch.float64):
+            self._backup = weight.detach().clone()  # low precision: W + ΔW - ΔW would not round-trip
+        dw = self.delta_weight().to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
+        weight.copy_((weight.to(dw.dtype) + dw * self.multiplier).to(weight.dtype))
+        self._merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self._merged:
+            return
+        weight = self.layer.weight
+        if self._backup is not None:
+            weight.copy_(self._backup)
+            self._backup = None
+        else:
+            weight.sub_((self.delta_weight() * self.multiplier).to(weight.dtype))
+        self._merged = False
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.kind} {self.spec.weight_shape}, rank={self.rank}, alpha={float(self.alpha):g}"

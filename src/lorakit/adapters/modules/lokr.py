@@ -1,0 +1,47 @@
+"""LoKr module: Kronecker product of a small W1 and a (possibly low-rank) W2."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.adapters.functional import lokr as F_lokr
+from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.modules.base import AdapterModule, Dropouts
+
+
+@dataclass(frozen=True)
+class LoKrOptions:
+    factor: int = -1  # cap on the small Kronecker factor; -1 = most balanced split
+    decompose_both: bool = False  # also factorise W1 as w1a @ w1b
+    use_tucker: bool = False  # `lokr_t2` core for kxk convs (ComfyUI fails on it: off by default)
+    full_matrix: bool = False  # W2 as a full matrix: scale 1, alpha ignored
+
+
+class LoKrModule(AdapterModule):
+    algo = "lokr"
+
+    @classmethod
+    def create(cls, spec: LayerSpec, rank: int, alpha: float | None, options: LoKrOptions = LoKrOptions(),
+               dropouts: Dropouts = Dropouts(), forward_mode: str = "auto", dtype=None, device=None,
+               generator: torch.Generator | None = None) -> "LoKrModule":
+        if dropouts.dropout > 0.0:
+            raise ValueError("dropout acts on LoRA rank activations; LoKr has none (use rank_dropout/module_dropout)")
+        weights = F_lokr.init_weights(spec, rank, options.factor, options.decompose_both, options.use_tucker,
+                                      options.full_matrix, dtype, device, generator)
+        module = cls(spec, weights, alpha if F_lokr.is_factorised(weights) else None, dropouts, forward_mode)
+        if not F_lokr.is_factorised(weights):
+            module.alpha.fill_(float(rank))  # both sides full: consumers use scale 1; store alpha = dim like LyCORIS
+        return module
+
+    @property
+    def rank(self) -> int:
+        r = F_lokr.rank_of(self.weights())
+        return 1 if r is None else r  # both sides full: no rank; scale is 1 whatever alpha says
+
+    @property
+    def scale(self) -> float:
+        return F_lokr.scale_for(self.weights(), float(self.alpha))
+
+    def delta_weight(self) -> torch.Tensor:
+        return F_lokr.delta_weight(self.weights(), self.scale, self.spec.weight_shape)

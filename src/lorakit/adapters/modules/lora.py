@@ -1,0 +1,46 @@
+"""LoRA (Linear, 1x1 conv) and LoCon (kxk conv, optional Tucker `mid`) module."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.adapters.functional import lora as F_lora
+from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.modules.base import AdapterModule, Dropouts
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    use_tucker: bool = False  # kxk convs as down 1x1 -> mid kxk -> up 1x1 (`lora_mid`); diffusers cannot load it
+
+
+class LoRAModule(AdapterModule):
+    algo = "lora"
+
+    @classmethod
+    def create(cls, spec: LayerSpec, rank: int, alpha: float | None, options: LoRAOptions = LoRAOptions(),
+               dropouts: Dropouts = Dropouts(), forward_mode: str = "auto", dtype=None, device=None,
+               generator: torch.Generator | None = None) -> "LoRAModule":
+        weights = F_lora.init_weights(spec, rank, options.use_tucker, dtype, device, generator)
+        return cls(spec, weights, alpha, dropouts, forward_mode)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        return F_lora.delta_weight(self.down, self.up, self.scale, getattr(self, "mid", None))
+
+    def bypass_delta(self, x: torch.Tensor) -> torch.Tensor:
+        mask = None
+        p = self.dropouts.rank_dropout
+        if self.training and p > 0.0:
+            mask = (torch.rand(x.shape[0], self.rank, device=x.device) >= p).to(x.dtype) / (1.0 - p)
+        dt = x.dtype
+        mid = getattr(self, "mid", None)
+        return F_lora.bypass_delta(x, self.spec, self.down.to(dt), self.up.to(dt), self.scale,
+                                   None if mid is None else mid.to(dt), mask, self.dropouts.dropout, self.training)
+
+    def bypass_flops(self, positions: int) -> int:
+        return F_lora.flops(self.spec, self.rank, positions, tucker="mid" in self.param_names)
