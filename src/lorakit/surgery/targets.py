@@ -1,0 +1,116 @@
+"""Which layers get adapters (kohya's rules) and what they are called in files.
+
+U-Net: Linear and 1x1 Conv2d inside Transformer2DModel; with conv enabled also every Linear/Conv2d inside
+ResnetBlock2D, Downsample2D, Upsample2D (kxk convs take conv_dim, the others network_dim). Text
+encoders: Linear layers inside CLIP attention and MLP. Matching is by class name, as kohya does.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from torch import nn
+
+from lorakit.surgery.blocks import UNetLayout, block_of_kohya_name, to_ldm_path
+
+UNET_ATTENTION_CLASSES = ("Transformer2DModel",)
+UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+
+
+class NoTargetError(ValueError):
+    """Nothing in the model matched the target classes."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # kohya name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    path: str  # module path inside its root model
+    layer: nn.Module
+    component: str  # "unet", "te", "te1", "te2"
+    block: str | None  # IN01.. for U-Net modules, TE layer label for text encoders
+    in_conv_block: bool  # found through the ResnetBlock2D/Down/Upsample classes
+
+    @property
+    def is_kxk_conv(self) -> bool:
+        return isinstance(self.layer, nn.Conv2d) and tuple(self.layer.kernel_size) != (1, 1)
+
+
+def unet_kohya_name(path: str, layout: UNetLayout) -> str:
+    """SD1/SD2 files use diffusers paths, SDXL files SGM paths (what A1111, ComfyUI and diffusers expect)."""
+    body = to_ldm_path(path, layout) if layout.family == "sdxl" else path
+    return "lora_unet_" + body.replace(".", "_")
+
+
+def text_encoder_kohya_name(path: str, prefix: str) -> str:
+    """transformers 5 drops `text_model.` from CLIP paths; files must keep it or A1111/ComfyUI skip the keys."""
+    if not path.startswith("text_model."):
+        path = "text_model." + path
+    return f"{prefix}_" + path.replace(".", "_")
+
+
+def text_encoder_prefixes(count: int) -> list[str]:
+    return ["lora_te"] if count == 1 else [f"lora_te{i + 1}" for i in range(count)]
+
+
+def find_targets(unet: nn.Module | None, text_encoders: list[nn.Module], with_conv: bool) -> list[Target]:
+    """kohya's discovery: walk modules of the target classes and take their Linear/Conv2d children."""
+    targets: list[Target] = []
+    if unet is not None:
+        layout = UNetLayout.of(unet)
+        classes = UNET_ATTENTION_CLASSES + (UNET_CONV_CLASSES if with_conv else ())
+        for path, layer, in_conv in _walk(unet, classes):
+            name = unet_kohya_name(path, layout)
+            block = block_of_kohya_name(name[len("lora_unet_"):], layout.family)
+            targets.append(Target(name, path, layer, "unet", block, in_conv))
+    for prefix, te in zip(text_encoder_prefixes(len(text_encoders)), text_encoders):
+        for path, layer, _ in _walk(te, TEXT_ENCODER_CLASSES):
+            targets.append(Target(text_encoder_kohya_name(path, prefix), path, layer, prefix[len("lora_"):],
+                                  _te_block(path, prefix), False))
+    return targets
+
+
+def _walk(root: nn.Module, classes: tuple[str, ...]):
+    seen: set[int] = set()
+    for path, module in root.named_modules():
+        if type(module).__name__ not in classes:
+            continue
+        in_conv = type(module).__name__ in UNET_CONV_CLASSES
+        for child_path, child in module.named_modules():
+            if type(child).__name__ in ("Linear", "Conv2d") and id(child) not in seen:
+                seen.add(id(child))
+                yield f"{path}.{child_path}" if path else child_path, child, in_conv
+
+
+def _te_block(path: str, prefix: str) -> str:
+    parts = path.split(".")
+    layer = parts[parts.index("layers") + 1] if "layers" in parts else "?"
+    label = prefix[len("lora_"):].upper()  # TE, TE1, TE2
+    label = label if label == "TE" else label + "_"
+    return f"{label}{int(layer):02d}" if layer.isdigit() else label.rstrip("_")
+
+
+def all_named_layers(unet: nn.Module | None, text_encoders: list[nn.Module]) -> dict[str, tuple[str, nn.Module, str]]:
+    """Every Linear/Conv2d under its kohya name: kohya name -> (path, layer, component). For loading files."""
+    out: dict[str, tuple[str, nn.Module, str]] = {}
+    if unet is not None:
+        layout = UNetLayout.of(unet)
+        for path, module in unet.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                try:
+                    out[unet_kohya_name(path, layout)] = (path, module, "unet")
+                except ValueError:
+                    continue
+    for prefix, te in zip(text_encoder_prefixes(len(text_encoders)), text_encoders):
+        for path, module in te.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and "encoder" in path:
+                out[text_encoder_kohya_name(path, prefix)] = (path, module, prefix[len("lora_"):])
+    return out
+
+
+def no_target_error(roots: list[nn.Module], searched: tuple[str, ...]) -> NoTargetError:
+    class_names = sorted({type(m).__name__ for r in roots for m in r.modules()})
+    nearest = {c: difflib.get_close_matches(c, class_names, n=3, cutoff=0.4) for c in searched}
+    hints = "; ".join(f"{c}: nearest {v or 'none'}" for c, v in nearest.items())
+    return NoTargetError(f"no layer to adapt: searched Linear/Conv2d inside module classes {list(searched)} "
+                         f"and found none. Model classes present include {class_names[:12]}. {hints}")
