@@ -1,0 +1,113 @@
+"""kohya / LyCORIS key layout: pure converters between module weights and file tensors, plus metadata.
+
+File key = `<kohya module name>.<suffix>`; module names never contain a dot, so the first dot splits a key.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.adapters.registry import Algorithm, algorithms, detect_algorithm
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
+                "sdxl": "stable-diffusion-xl-v1-base/lora"}
+RESOLUTION = {"sd1": "512x512", "sd2": "512x512", "sdxl": "1024x1024"}
+
+
+@dataclass
+class ModuleTensors:
+    """One module as read from a file: its algorithm, weights under internal names, and alpha."""
+
+    name: str
+    algo: Algorithm
+    weights: dict[str, torch.Tensor]
+    alpha: float | None
+
+
+def module_to_tensors(name: str, algo: Algorithm, weights: dict[str, torch.Tensor], alpha: float,
+                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Internal weights -> file tensors. alpha is always written (0-d float32), as every consumer expects."""
+    out = {}
+    for internal, tensor in weights.items():
+        t = tensor.detach()
+        out[f"{name}.{algo.file_keys[internal]}"] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
+    out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, dot, suffix = key.partition(".")
+        if not dot:
+            raise KeyError(key)
+        groups.setdefault(name, {})[suffix] = tensor
+    return groups
+
+
+class KeyProblem(ValueError):
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
+def parse_module(name: str, suffixed: dict[str, torch.Tensor]) -> ModuleTensors:
+    """File tensors of one module -> ModuleTensors, with the algorithm detected from the key names."""
+    if "dora_scale" in suffixed:
+        raise KeyProblem(f"{name}.dora_scale", "DoRA (dora_scale) files are not supported yet; its layout differs "
+                                                "between LyCORIS versions and consumers")
+    algo = detect_algorithm(set(suffixed))
+    if algo is None:
+        known = sorted({s for a in algorithms() for s in a.file_keys.values()})
+        raise KeyProblem(f"{name}.{sorted(suffixed)[0]}", f"keys {sorted(suffixed)} match no supported algorithm "
+                                                          f"(known suffixes: {known} + alpha)")
+    by_suffix = {v: k for k, v in algo.file_keys.items()}
+    weights = {}
+    for suffix, tensor in suffixed.items():
+        if suffix == "alpha":
+            continue
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise KeyProblem(f"{name}.{suffix}", f"dtype {tensor.dtype} is not a float type")
+        weights[by_suffix[suffix]] = tensor
+    alpha = None
+    if "alpha" in suffixed:
+        a = suffixed["alpha"]
+        if a.numel() != 1:
+            raise KeyProblem(f"{name}.alpha", f"alpha must hold one value, has shape {list(a.shape)}")
+        alpha = float(a.float().reshape(()))
+        if not torch.isfinite(torch.tensor(alpha)):
+            raise KeyProblem(f"{name}.alpha", "alpha is not finite")
+    return ModuleTensors(name, algo, weights, alpha)
+
+
+def build_metadata(family: str, network_dim: int | str, network_alpha: float | str, network_args: dict,
+                   title: str, algo: str, v_prediction: bool = False, extra: dict[str, str] | None = None) -> dict:
+    """ss_* (kohya) and modelspec.* (SAI ModelSpec 1.0.1) keys; every value a string."""
+    plain_lora = algo == "lora" and not network_args.get("use_tucker")
+    version = BASE_MODEL_VERSION[family] + ("_v" if v_prediction and family != "sdxl" else "")
+    arch = "stable-diffusion-v2-768-v/lora" if v_prediction and family == "sd2" else ARCHITECTURE[family]
+    meta = {
+        "ss_network_module": "networks.lora" if plain_lora else "lycoris.kohya",
+        "ss_network_dim": str(network_dim),
+        "ss_network_alpha": str(network_alpha),
+        "ss_network_args": json.dumps(network_args),
+        "ss_base_model_version": version,
+        "ss_v2": str(family == "sd2"),
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": arch,
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if family == "sdxl"
+                                     else "diffusers"),
+        "modelspec.title": title,
+        "modelspec.resolution": RESOLUTION[family],
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.implementation_version": "lorakit",
+    }
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
