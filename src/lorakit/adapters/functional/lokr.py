@@ -45,7 +45,8 @@ def full_w2(weights: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> 
     if "w2" in weights:
         return weights["w2"]
     if "t2" in weights:
-        return rebuild_tucker(weights["t2"], weights["w2a"], weights["w2b"])
+        # einsum output can be non-contiguous and torch.kron rejects that (the bug ComfyUI hits on lokr_t2)
+        return rebuild_tucker(weights["t2"], weights["w2a"], weights["w2b"]).contiguous()
     w2a, w2b = weights["w2a"], weights["w2b"]
     b = w2a.shape[0]
     w1_shape = weights["w1"].shape if "w1" in weights else (weights["w1a"].shape[0], weights["w1b"].shape[1])

@@ -96,8 +96,11 @@ class AdapterModule(nn.Module):
     def attach(self, layer: nn.Module) -> None:
         if LayerSpec.of(layer).weight_shape != self.spec.weight_shape:
             raise ValueError(f"adapter expects weight {self.spec.weight_shape}, layer has {tuple(layer.weight.shape)}")
-        if "forward" in layer.__dict__:
-            raise RuntimeError(f"layer {type(layer).__name__} already has an adapter attached")
+        patched = layer.__dict__.get("forward")
+        if patched is not None and getattr(patched, "__func__", None) is not type(layer).forward:
+            owner = type(getattr(patched, "__self__", None)).__name__
+            raise RuntimeError(f"{type(layer).__name__} layer already has its forward replaced (by {owner}); "
+                               "restore that adapter first")
         self._layer = [layer]
         layer.forward = self.forward
 
@@ -105,7 +108,7 @@ class AdapterModule(nn.Module):
         if self._merged:
             self.unmerge()
         if self._layer:
-            del self.layer.__dict__["forward"]
+            self.layer.__dict__.pop("forward", None)
             self._layer = []
 
     # ---- forward -----------------------------------------------------------------------------

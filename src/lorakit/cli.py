@@ -1,0 +1,54 @@
+"""The `lorakit` command line: thin wrappers over the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_inspect(args) -> int:
+    from lorakit.inspect_file import format_report, inspect_file
+
+    report = inspect_file(args.file)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_report(report, show_modules=args.modules))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from lorakit.demo import run_demo
+
+    run_demo(args.output, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA / LoCon / LoHa / LoKr for Stable Diffusion")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="show what a LoRA file holds: algorithms, ranks, blocks, metadata, hash")
+    p.add_argument("file", help=".safetensors LoRA file (ours, kohya sd-scripts or LyCORIS)")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--modules", action="store_true", help="also list every module")
+    p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("demo", help="smallest end-to-end run: LoCon on a tiny SD model, train, save, inspect")
+    p.add_argument("--output", default="lorakit-demo", help="folder for the demo's files")
+    p.add_argument("--steps", type=int, default=30, help="training steps")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lorakit.formats.safetensors_io import LoraFileError
+
+    try:
+        return args.func(args)
+    except (LoraFileError, ValueError) as e:
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""`lorakit inspect`: what a LoRA file holds, without a base model.
+
+Reads our files and files written by kohya sd-scripts and LyCORIS: per module the algorithm, layer kind,
+rank, alpha and effective scale; a per-block summary (IN00..OUT11 / SDXL slots / text-encoder layers,
+conv vs linear); dtypes, size, metadata, and whether sshs_model_hash matches the tensor bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from lorakit.adapters.functional import lokr as F_lokr
+from lorakit.formats.kohya import KeyProblem, group_by_module, parse_module
+from lorakit.formats.safetensors_io import LoraFileError, file_data_hash, read_safetensors
+from lorakit.surgery.blocks import SD_BLOCKS, SDXL_BLOCKS, block_of_kohya_name, family_of_kohya_names
+
+# kohya names of kxk convs, for layouts that flatten the kernel (LoHa, factorised LoKr)
+_KXK_SUFFIXES = ("_conv1", "_conv2", "_conv", "_op", "_in_layers_2", "_out_layers_3")
+
+
+def inspect_file(path: str | os.PathLike) -> dict:
+    tensors, metadata = read_safetensors(path)
+    try:
+        groups = group_by_module(tensors)
+    except KeyError as e:
+        raise LoraFileError(path, "key has no '<module>.<tensor>' form", str(e.args[0])) from None
+    family = _family(metadata, list(groups))
+    modules = []
+    for name, suffixed in sorted(groups.items()):
+        try:
+            parsed = parse_module(name, suffixed)
+        except KeyProblem as e:
+            raise LoraFileError(path, str(e), e.key) from None
+        modules.append(_describe(parsed, family))
+    stored = metadata.get("sshs_model_hash")
+    computed = file_data_hash(path)
+    return {
+        "file": str(path),
+        "size_bytes": Path(path).stat().st_size,
+        "family": family,
+        "algorithms": dict(Counter(m["algo"] for m in modules)),
+        "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in tensors.values())),
+        "num_modules": len(modules),
+        "num_parameters": sum(t.numel() for k, t in tensors.items() if not k.endswith(".alpha")),
+        "components": dict(Counter(m["component"] for m in modules)),
+        "kinds": dict(Counter(m["kind"] for m in modules)),
+        "blocks": _block_summary(modules, family),
+        "hash": {"stored": stored, "computed": computed, "matches": None if stored is None else stored == computed},
+        "metadata": {k: _maybe_json(v) for k, v in sorted(metadata.items())},
+        "modules": modules,
+    }
+
+
+def _family(metadata: dict[str, str], names: list[str]) -> str:
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
+        return "sd2"
+    if version.startswith("sd_v1"):
+        return "sd1"
+    return family_of_kohya_names(names)
+
+
+def _describe(parsed, family: str) -> dict:
+    w, name, algo = parsed.weights, parsed.name, parsed.algo.name
+    if algo == "lora":
+        rank, ref = w["down"].shape[0], w["down"]
+        kind = _kind_from_shape(ref.shape) if "mid" not in w else f"conv{w['mid'].shape[2]}x{w['mid'].shape[3]}"
+        scale = 1.0 if parsed.alpha is None else parsed.alpha / rank
+    elif algo == "loha":
+        rank = w["w1b"].shape[0]
+        kind = f"conv{w['t1'].shape[2]}x{w['t1'].shape[3]}" if "t1" in w else _kind_from_name(name)
+        scale = 1.0 if parsed.alpha is None else parsed.alpha / rank
+    else:
+        rank = F_lokr.rank_of(w)
+        kind = _kind_from_shape(w["w2"].shape) if "w2" in w else (
+            f"conv{w['t2'].shape[2]}x{w['t2'].shape[3]}" if "t2" in w else _kind_from_name(name))
+        scale = F_lokr.scale_for(w, parsed.alpha)
+    component, block = _component_and_block(name, family)
+    return {"name": name, "algo": algo, "kind": kind, "rank": rank if rank is not None else "full",
+            "alpha": parsed.alpha, "scale": scale, "component": component, "block": block,
+            "tucker": any(k in w for k in ("mid", "t1", "t2")),
+            "shapes": {parsed.algo.file_keys[k]: list(v.shape) for k, v in w.items()}}
+
+
+def _kind_from_shape(shape) -> str:
+    if len(shape) == 2:
+        return "linear"
+    return "conv1x1" if tuple(shape[2:]) == (1, 1) else f"conv{shape[2]}x{shape[3]}"
+
+
+def _kind_from_name(name: str) -> str:
+    return "conv3x3" if name.startswith("lora_unet_") and name.endswith(_KXK_SUFFIXES) else "linear/1x1"
+
+
+def _component_and_block(name: str, family: str) -> tuple[str, str | None]:
+    if name.startswith("lora_unet_"):
+        return "unet", block_of_kohya_name(name[len("lora_unet_"):], family)
+    for prefix in ("lora_te1_", "lora_te2_", "lora_te_"):
+        if name.startswith(prefix):
+            label = prefix[len("lora_"):-1].upper()
+            parts = name.split("_layers_")
+            layer = parts[1].split("_")[0] if len(parts) > 1 else ""
+            label = label if label == "TE" else label + "_"
+            return prefix[len("lora_"):-1], (f"{label}{int(layer):02d}" if layer.isdigit() else label.rstrip("_"))
+    return "other", None
+
+
+def _block_summary(modules: list[dict], family: str) -> dict[str, dict[str, int]]:
+    order = list(SDXL_BLOCKS if family == "sdxl" else SD_BLOCKS)
+    summary: dict[str, dict[str, int]] = defaultdict(lambda: {"linear": 0, "conv": 0})
+    for m in modules:
+        key = m["block"] or m["component"]
+        summary[key]["conv" if m["kind"].startswith("conv") and m["kind"] != "conv1x1" else "linear"] += 1
+    unet = {b: dict(summary[b]) if b in summary else {"linear": 0, "conv": 0} for b in order}
+    rest = {k: dict(v) for k, v in sorted(summary.items()) if k not in unet}
+    return {**unet, **rest}
+
+
+def _maybe_json(value: str):
+    if value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def format_report(report: dict, show_modules: bool = False) -> str:
+    lines = [f"file        {report['file']}",
+             f"size        {report['size_bytes']:,} bytes, {report['num_parameters']:,} parameters",
+             f"base        {report['family']}",
+             f"algorithms  " + ", ".join(f"{k} x{v}" for k, v in report["algorithms"].items()),
+             f"dtypes      " + ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items()),
+             f"modules     {report['num_modules']} " + str(report["components"]) + " " + str(report["kinds"])]
+    h = report["hash"]
+    verdict = {True: "matches the tensor bytes", False: "DOES NOT match the tensor bytes", None: "absent"}[h["matches"]]
+    lines.append(f"hash        sshs_model_hash {verdict} (computed {h['computed'][:12]}...)")
+    ranks = Counter((m["kind"], m["rank"], m["alpha"]) for m in report["modules"])
+    lines.append("ranks       " + "; ".join(f"{k} rank {r} alpha {a} x{n}" for (k, r, a), n in sorted(
+        ranks.items(), key=lambda kv: str(kv[0]))))
+    lines.append("blocks      block   linear  conv")
+    for block, c in report["blocks"].items():
+        mark = "" if c["linear"] or c["conv"] else "   (none)"
+        lines.append(f"            {block:<7} {c['linear']:>6} {c['conv']:>5}{mark}")
+    meta = report["metadata"]
+    for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
+                "ss_base_model_version", "modelspec.architecture", "modelspec.title"):
+        if key in meta:
+            lines.append(f"{key:<24}{json.dumps(meta[key]) if not isinstance(meta[key], str) else meta[key]}")
+    lines.append(f"(+{max(0, len(meta) - 7)} more metadata keys: --json shows all)")
+    if show_modules:
+        for m in report["modules"]:
+            lines.append(f"  {m['name']:<90} {m['algo']:<5} {m['kind']:<10} r={m['rank']} "
+                         f"alpha={m['alpha']} scale={m['scale']:.4g} {m['block']}")
+    return "\n".join(lines)

@@ -1,0 +1,259 @@
+"""ΔW against float64 closed forms, bypass = merged, step 0 = base, merge/unmerge, only adapters train."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit.adapters.functional import lokr as F_lokr
+from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.modules.base import Dropouts
+from lorakit.adapters.modules.loha import LoHaOptions
+from lorakit.adapters.modules.lokr import LoKrOptions
+from lorakit.adapters.modules.lora import LoRAOptions
+from lorakit.adapters.registry import get_algorithm
+
+LAYERS = {
+    "linear": lambda: nn.Linear(24, 40),
+    "conv1x1": lambda: nn.Conv2d(24, 40, 1),
+    "conv3x3_s1": lambda: nn.Conv2d(24, 40, 3, padding=1),
+    "conv3x3_s2": lambda: nn.Conv2d(24, 40, 3, stride=2, padding=1),
+}
+VARIANTS = {
+    "lora": LoRAOptions(), "lora_tucker": LoRAOptions(use_tucker=True),
+    "loha": LoHaOptions(), "loha_tucker": LoHaOptions(use_tucker=True),
+    "lokr": LoKrOptions(factor=4), "lokr_both": LoKrOptions(factor=8, decompose_both=True),
+    "lokr_tucker": LoKrOptions(factor=4, use_tucker=True), "lokr_full": LoKrOptions(factor=4, full_matrix=True),
+}
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+RANK, ALPHA = 4, 3.0
+
+
+def make(layer_name, variant, dtype, seed=0):
+    torch.manual_seed(seed)
+    layer = LAYERS[layer_name]().to(dtype).requires_grad_(False)
+    algo = get_algorithm(variant.split("_")[0])
+    adapter = algo.module.create(LayerSpec.of(layer), RANK, ALPHA, VARIANTS[variant], dtype=dtype)
+    return layer, adapter
+
+
+def randomize_(adapter, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def inputs(layer, dtype, batch=3):
+    g = torch.Generator().manual_seed(2)
+    shape = (batch, 7, 24) if isinstance(layer, nn.Linear) else (batch, 24, 9, 9)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def closed_form(adapter) -> torch.Tensor:
+    """ΔW from the published formulas, in float64, written independently of lorakit's functional code."""
+    w = {k: v.detach().double() for k, v in adapter.weights().items()}
+    shape, alpha = adapter.spec.weight_shape, float(adapter.alpha)
+    out_ch = shape[0]
+    if adapter.algo == "lora":
+        r = w["down"].shape[0]
+        if "mid" in w:  # Σ_ab up[o,a] mid[a,b,h,w] down[b,i]
+            up, mid, down = w["up"][:, :, 0, 0], w["mid"], w["down"][:, :, 0, 0]
+            dw = torch.zeros(shape, dtype=torch.float64)
+            for a, b in itertools.product(range(r), range(r)):
+                dw += up[:, a, None, None, None] * mid[a, b][None, None] * down[b][None, :, None, None]
+        else:
+            dw = (w["up"].reshape(out_ch, r) @ w["down"].reshape(r, -1)).reshape(shape)
+        return dw * alpha / r
+    if adapter.algo == "loha":
+        r = w["w1b"].shape[0]
+        if "t1" in w:
+            def half(t, a, b):
+                return torch.einsum("ijhw,io,jn->onhw", t, a, b)
+            dw = half(w["t1"], w["w1a"], w["w1b"]) * half(w["t2"], w["w2a"], w["w2b"])
+        else:
+            dw = ((w["w1a"] @ w["w1b"]) * (w["w2a"] @ w["w2b"])).reshape(shape)
+        return dw * alpha / r
+    w1 = w["w1"] if "w1" in w else w["w1a"] @ w["w1b"]
+    a, c = w1.shape
+    b, d = out_ch // a, shape[1] // c
+    if "w2" in w:
+        w2 = w["w2"]
+    elif "t2" in w:
+        w2 = torch.einsum("ijhw,ip,jq->pqhw", w["t2"], w["w2a"], w["w2b"])
+    else:
+        w2 = (w["w2a"] @ w["w2b"]).reshape(b, d, *shape[2:])
+    dw = torch.zeros(shape, dtype=torch.float64)
+    for i, j in itertools.product(range(a), range(c)):  # ΔW[i·b+p, j·d+q] = W1[i,j]·W2[p,q]
+        dw[i * b:(i + 1) * b, j * d:(j + 1) * d] = w1[i, j] * w2
+    factorised = "w1b" in w or "w2b" in w
+    rank = (w["w1b"] if "w1b" in w else w["w2b"]).shape[0] if factorised else None
+    return dw * (alpha / rank if factorised else 1.0)
+
+
+CASES = list(itertools.product(LAYERS, VARIANTS, [torch.float32, torch.bfloat16]))
+
+
+@pytest.mark.parametrize("layer_name,variant,dtype", CASES)
+def test_delta_weight_matches_float64_closed_form(layer_name, variant, dtype):
+    layer, adapter = make(layer_name, variant, dtype)
+    randomize_(adapter)
+    expected = closed_form(adapter)
+    got = adapter.delta_weight().double()
+    scale = expected.abs().max().item() + 1e-12
+    torch.testing.assert_close(got / scale, expected / scale, **TOL[dtype])
+
+
+@pytest.mark.parametrize("layer_name,variant,dtype", CASES)
+def test_bypass_equals_merged_and_merge_roundtrip(layer_name, variant, dtype):
+    layer, adapter = make(layer_name, variant, dtype)
+    randomize_(adapter)
+    x = inputs(layer, dtype)
+    original = layer.weight.detach().clone()
+    adapter.attach(layer)
+    outputs = {}
+    for mode in ("merged", "bypass") if adapter.bypass_flops(1) is not None else ("merged",):
+        adapter.forward_mode = mode
+        outputs[mode] = layer(x).double()
+    adapter.merge()
+    outputs["merged_weight"] = layer(x).double()
+    reference = LayerSpec.of(layer).apply(x.double(), original.double() + closed_form(adapter),
+                                          layer.bias.double())
+    adapter.unmerge()
+    norm = reference.abs().max().item()
+    for mode, y in outputs.items():
+        torch.testing.assert_close(y / norm, reference / norm, **TOL[dtype], msg=f"{mode} path")
+    if dtype == torch.float32:
+        torch.testing.assert_close(layer.weight, original, atol=1e-6, rtol=0)
+    else:
+        assert torch.equal(layer.weight, original)  # low precision restores from a backup, bit-exact
+    adapter.detach()
+    assert "forward" not in layer.__dict__
+    assert torch.equal(layer(x), LayerSpec.of(layer).apply(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("layer_name,variant,dtype", CASES)
+def test_step_zero_output_equals_base(layer_name, variant, dtype):
+    layer, adapter = make(layer_name, variant, dtype)
+    x = inputs(layer, dtype)
+    base = layer(x)
+    adapter.attach(layer)
+    for mode in ("merged", "bypass") if adapter.bypass_flops(1) is not None else ("merged",):
+        adapter.forward_mode = mode
+        assert torch.equal(layer(x), base), mode
+
+
+@pytest.mark.parametrize("layer_name,variant", list(itertools.product(LAYERS, VARIANTS)))
+def test_only_adapter_parameters_change(layer_name, variant):
+    layer, adapter = make(layer_name, variant, torch.float32)
+    layer.bias.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in layer.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in adapter.named_parameters()}
+    adapter.attach(layer)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+    x = inputs(layer, torch.float32)
+    target = torch.randn_like(layer(x))
+    for _ in range(3):
+        loss = (layer(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, frozen[k]), f"frozen {k} changed"
+    changed = [k for k, v in adapter.named_parameters() if not torch.equal(v, before[k])]
+    assert changed == list(before), f"adapter parameters that did not train: {set(before) - set(changed)}"
+    assert float(adapter.delta_weight().detach().abs().max()) > 0
+
+
+def test_loha_custom_backward_matches_autograd_gradcheck():
+    from lorakit.adapters.functional.loha import _HadamardProduct
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+            for s in [(6, 3), (3, 5), (6, 3), (3, 5)]]
+    assert torch.autograd.gradcheck(lambda *a: _HadamardProduct.apply(*a, 0.7), args)
+
+
+def test_loha_backward_saves_only_the_factors():
+    from lorakit.adapters.functional.loha import _HadamardProduct
+
+    factors = [torch.randn(s, requires_grad=True) for s in [(64, 2), (2, 96), (64, 2), (2, 96)]]
+    out = _HadamardProduct.apply(*factors, 1.0)
+    saved = out.grad_fn.saved_tensors
+    assert sum(t.numel() for t in saved) == sum(f.numel() for f in factors)
+
+
+@pytest.mark.parametrize("dim,factor", [(128, -1), (360, -1), (360, 4), (1024, -1), (1024, 8), (13, -1),
+                                        (320, -1), (1280, -1), (2560, 8), (768, 16), (640, 3)])
+def test_lokr_factorization_matches_lycoris(dim, factor):
+    lycoris_lokr = pytest.importorskip("lycoris.modules.lokr")
+    assert F_lokr.factorization(dim, factor) == tuple(lycoris_lokr.factorization(dim, factor))
+
+
+def test_lokr_full_matrix_uses_scale_one_whatever_alpha():
+    layer, adapter = make("linear", "lokr_full", torch.float32)
+    assert set(adapter.param_names) == {"w1", "w2"}
+    assert adapter.scale == 1.0 and float(adapter.alpha) == RANK  # alpha stored = dim, as LyCORIS writes
+
+
+def test_alpha_zero_or_missing_means_alpha_equals_rank():
+    spec = LayerSpec.of(nn.Linear(8, 8))
+    for alpha in (None, 0, 0.0):
+        m = get_algorithm("lora").module.create(spec, 4, alpha)
+        assert float(m.alpha) == 4 and m.scale == 1.0
+
+
+def test_lora_init_is_kaiming_down_zero_up():
+    layer, adapter = make("conv3x3_s1", "lora", torch.float32)
+    bound = 1 / (24 * 9) ** 0.5
+    assert adapter.down.abs().max() <= bound and adapter.down.abs().max() > bound * 0.9
+    assert torch.count_nonzero(adapter.up) == 0
+
+
+def test_module_dropout_skips_the_adapter_only_in_training():
+    layer, adapter = make("linear", "lora", torch.float32)
+    randomize_(adapter)
+    adapter.dropouts = Dropouts(module_dropout=0.5)
+    adapter.attach(layer)
+    x = inputs(layer, torch.float32)
+    base = LayerSpec.of(layer).apply(x, layer.weight, layer.bias)
+    torch.manual_seed(0)
+    adapter.train()
+    skipped = sum(torch.equal(layer(x), base) for _ in range(200))
+    assert 60 < skipped < 140
+    adapter.eval()
+    assert not any(torch.equal(layer(x), base) for _ in range(20))
+
+
+def test_rank_dropout_masks_per_sample_and_rescales():
+    layer, adapter = make("linear", "lora", torch.float32)
+    randomize_(adapter)
+    adapter.dropouts = Dropouts(rank_dropout=0.5)
+    adapter.attach(layer)
+    x = inputs(layer, torch.float32, batch=1)[:, :1].expand(2000, 1, 24)  # one input, many samples
+    base = LayerSpec.of(layer).apply(x, layer.weight, layer.bias)
+    torch.manual_seed(0)
+    adapter.train()
+    delta_train = (layer(x) - base).detach()
+    adapter.eval()
+    delta_eval = (layer(x) - base).detach()
+    assert torch.allclose(delta_eval, delta_eval[:1].expand_as(delta_eval))
+    assert not torch.allclose(delta_train[0], delta_train[1])  # each sample draws its own rank mask
+    # masks are rescaled by 1/(1-p): on average the delta is the unmasked one
+    err = (delta_train.mean(0) - delta_eval[0]).abs().max() / delta_eval.abs().max()
+    assert err < 0.1
+
+
+def test_dropout_rejected_for_loha_and_lokr():
+    spec = LayerSpec.of(nn.Linear(8, 8))
+    for algo in ("loha", "lokr"):
+        with pytest.raises(ValueError, match="rank_dropout"):
+            get_algorithm(algo).module.create(spec, 2, 1.0, dropouts=Dropouts(dropout=0.1))
+
+
+def test_auto_mode_picks_bypass_for_big_spatial_and_merged_for_loha():
+    layer, adapter = make("conv3x3_s1", "lora", torch.float32)
+    x = torch.randn(2, 24, 64, 64)
+    assert adapter._choose_mode(x) == "bypass"
+    layer, loha = make("conv3x3_s1", "loha", torch.float32)
+    assert loha._choose_mode(x) == "merged"
