@@ -1,0 +1,63 @@
+"""`lorakit inspect` and `lorakit demo` through the real entry point."""
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from lorakit.cli import main
+from lorakit.formats.files import save_network
+from lorakit.surgery.config import NetworkConfig
+from lorakit.surgery.network import create_network
+
+from conftest import randomize
+
+
+def test_inspect_reports_algorithms_ranks_blocks_and_hash(tiny_sd1, tmp_path, capsys):
+    unet, tes = tiny_sd1
+    net = create_network(unet, tes, NetworkConfig(network_dim=8, network_alpha=4, conv_dim=4, conv_alpha=2))
+    randomize(net)
+    path = save_network(net, tmp_path / "style.safetensors", dtype=torch.bfloat16)
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["algorithms"] == {"lora": len(net.adapters)}
+    assert report["hash"]["matches"] is True and report["dtypes"]["bfloat16"] == 2 * len(net.adapters)
+    assert report["blocks"]["IN00"] == {"linear": 0, "conv": 0}
+    assert report["blocks"]["IN03"] == {"linear": 0, "conv": 1}  # the downsampler
+    assert report["blocks"]["TE00"]["linear"] == 6
+    conv = [m for m in report["modules"] if m["kind"] == "conv3x3"]
+    assert conv and all(m["rank"] == 4 and m["scale"] == 0.5 for m in conv)
+    assert report["metadata"]["ss_network_args"]["conv_dim"] == "4"
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "matches the tensor bytes" in text and "conv3x3 rank 4 alpha 2.0" in text and "OUT11" in text
+
+
+def test_inspect_flags_a_wrong_hash_and_reads_kohya_files_without_metadata(tmp_path, capsys):
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"  # an SDXL (SGM) name
+    tensors = {f"{name}.lora_down.weight": torch.ones(4, 64).half(), f"{name}.lora_up.weight": torch.ones(64, 4).half()}
+    path = tmp_path / "k.safetensors"
+    save_file(tensors, str(path), {"sshs_model_hash": "e3b0c44298fc1c149afbf4c8996fb924"})
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == "sdxl" and report["modules"][0]["block"] == "IN04"
+    assert report["modules"][0]["alpha"] is None and report["modules"][0]["scale"] == 1.0
+    assert report["hash"]["matches"] is False
+
+
+def test_inspect_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.safetensors" in err and "not valid JSON" in err
+
+
+def test_demo_runs_end_to_end_in_a_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lorakit.cli", "demo", "--output", str(tmp_path), "--steps", "6"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "demo_locon.safetensors").is_file()
+    assert "reloaded output differs by 0.00e+00" in proc.stdout
+    assert "held-out diffusion loss" in proc.stdout
