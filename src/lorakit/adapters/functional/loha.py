@@ -52,6 +52,19 @@ def delta_weight(weights: dict[str, torch.Tensor], scale: float, weight_shape: t
     return dw.reshape(weight_shape)
 
 
+def khatri_rao_factors(weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w1a@w1b) ⊙ (w2a@w2b) = U @ V with U[:, i·r+j] = w1a[:, i]·w2a[:, j] and V[i·r+j] = w1b[i]·w2b[j].
+
+    So a rank-r LoHa is an exact rank-r² LoRA: U [out, r²], V [r², in·k]. At small spatial sizes the
+    bypass through U, V costs far less than building the dense ΔW.
+    """
+    w1a, w1b, w2a, w2b = weights["w1a"], weights["w1b"], weights["w2a"], weights["w2b"]
+    r1, r2 = w1a.shape[1], w2a.shape[1]
+    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r1 * r2)
+    down = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, w1b.shape[1])
+    return up, down
+
+
 def rank_of(weights: dict[str, torch.Tensor]) -> int:
     return weights["w1b"].shape[0]
 

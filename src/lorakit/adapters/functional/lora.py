@@ -84,3 +84,44 @@ def flops(spec: LayerSpec, rank: int, positions: int, tucker: bool = False) -> i
     down = rank * spec.in_features * (1 if tucker else k)
     mid = rank * rank * k if tucker else 0
     return positions * (down + mid + rank * spec.out_features)
+
+
+class FusedLinearLoRA(torch.autograd.Function):
+    """y = x W^T + b + scale · (x D^T) U^T for a frozen Linear, without the two full-size elementwise passes
+    (scale, then add) of the textbook form, and with the two input-gradient terms summed in one GEMM's
+    accumulator instead of an extra add.
+
+    x [T, in], W [out, in] (frozen), b [out] | None (frozen), D [r, in], U [out, r].
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, scale: float):
+        h = x @ down.T  # (T, r)
+        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+        y.addmm_(h, up.T, alpha=scale)  # accumulate the adapter into the GEMM output in place
+        ctx.save_for_backward(x, weight, down, up, h)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, down, up, h = ctx.saved_tensors
+        scale = ctx.scale
+        grad_h = (grad @ up) * scale if (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]) else None  # (T, r)
+        grad_x = grad_down = grad_up = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight
+            grad_x.addmm_(grad_h, down)
+        if ctx.needs_input_grad[3]:
+            grad_down = grad_h.T @ x
+        if ctx.needs_input_grad[4]:
+            grad_up = (grad.T @ h) * scale
+        return grad_x, None, None, grad_down, grad_up, None
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+                 up: torch.Tensor, scale: float) -> torch.Tensor:
+    """Frozen Linear + LoRA bypass in one autograd node; any leading dims."""
+    lead = x.shape[:-1]
+    y = FusedLinearLoRA.apply(x.reshape(-1, x.shape[-1]), weight, bias, down, up, scale)
+    return y.reshape(*lead, y.shape[-1])

@@ -39,7 +39,9 @@ class Dropouts:
 
 class AdapterModule(nn.Module):
     algo: str = ""
-    weight_names: tuple[str, ...] = ()
+    # where dropout/rank_dropout are defined: LoRA masks rank activations (bypass path); LoHa/LoKr mask
+    # output rows of ΔW (merged path)
+    dropout_path: str = "merged"
 
     def __init__(self, spec: LayerSpec, weights: dict[str, torch.Tensor], alpha: float | None,
                  dropouts: Dropouts = Dropouts(), forward_mode: str = "auto"):
@@ -80,8 +82,34 @@ class AdapterModule(nn.Module):
         """ΔW·x without building ΔW, or None when the algorithm has no cheaper path."""
         return None
 
+    def bypass_forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self.bypass_delta(x)
+        y = self._base(x)
+        return y + delta if self.multiplier == 1.0 else y + delta * self.multiplier
+
     def bypass_flops(self, positions: int) -> int | None:
         return None
+
+    def bypass_cost(self, positions: int) -> float | None:
+        """bypass_flops weighted by how fast those kernels run relative to the base GEMM/conv (default 1)."""
+        return self.bypass_flops(positions)
+
+    def build_flops(self) -> int:
+        """Multiply-adds to build ΔW (default: one rank-r product of the weight's size)."""
+        return math.prod(self.spec.weight_shape) * self.rank
+
+    def training_flops(self, x: torch.Tensor, mode: str | None = None) -> int:
+        """Multiply-adds of forward + backward through the adapted layer for input x (input needs grad).
+
+        frozen layer alone: 2F (forward, grad-input). bypass: 2F + 3A (adapter forward, grad-input,
+        grad-weight). merged: 3F (the weight gradient is now needed) + 3B (building ΔW and its backward).
+        """
+        positions = self._output_positions(x)
+        base = positions * math.prod(self.spec.weight_shape)
+        mode = mode or self._choose_mode(x)
+        if mode == "bypass":
+            return 2 * base + 3 * self.bypass_flops(positions)
+        return 3 * base + 3 * self.build_flops()
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self.param_names}
@@ -123,9 +151,7 @@ class AdapterModule(nn.Module):
             if torch.rand((), device="cpu").item() < self.dropouts.module_dropout:
                 return self._base(x)
         if self._mode_for(x) == "bypass":
-            delta = self.bypass_delta(x)
-            y = self._base(x)
-            return y + delta if self.multiplier == 1.0 else y + delta * self.multiplier
+            return self.bypass_forward(x)
         weight = self.layer.weight
         dw = self.training_delta_weight().to(weight.dtype)
         return self._base(x, weight + dw * self.multiplier)
@@ -142,9 +168,8 @@ class AdapterModule(nn.Module):
     def _mode_for(self, x: torch.Tensor) -> str:
         if self.forward_mode != "auto":
             return self.forward_mode
-        if self.training and self.bypass_flops(1) is not None and (
-                self.dropouts.dropout > 0.0 or self.dropouts.rank_dropout > 0.0):
-            return "bypass"  # per-sample masks on rank activations exist only on the bypass path
+        if self.training and (self.dropouts.dropout > 0.0 or self.dropouts.rank_dropout > 0.0):
+            return self.dropout_path
         key = (tuple(x.shape), torch.is_grad_enabled())
         mode = self._chosen.get(key)
         if mode is None:
@@ -159,11 +184,11 @@ class AdapterModule(nn.Module):
         merged: base conv with W+ΔW (fwd + grad-input + grad-weight for ΔW) + building ΔW (3x in training)
         """
         positions = self._output_positions(x)
-        adapter = self.bypass_flops(positions)
+        adapter = self.bypass_cost(positions)
         if adapter is None:
             return "merged"
         base = positions * math.prod(self.spec.weight_shape)
-        build = math.prod(self.spec.weight_shape) * self.rank
+        build = self.build_flops()
         if torch.is_grad_enabled():
             return "bypass" if 3 * adapter < base + 3 * build else "merged"
         return "bypass" if adapter < build else "merged"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.adapters.functional import loha as F_loha
+from lorakit.adapters.functional import lora as F_lora
 from lorakit.adapters.functional.layer import LayerSpec
 from lorakit.adapters.modules.base import AdapterModule, Dropouts
 
@@ -30,6 +31,24 @@ class LoHaModule(AdapterModule):
     @property
     def rank(self) -> int:
         return F_loha.rank_of(self.weights())
+
+    def build_flops(self) -> int:
+        numel = 1
+        for s in self.spec.weight_shape:
+            numel *= s
+        return 2 * numel * self.rank + numel  # two rank-r products and their Hadamard product
+
+    def bypass_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Through the exact rank-r² factors (see khatri_rao_factors)."""
+        up, down = F_loha.khatri_rao_factors({k: v.to(x.dtype) for k, v in self.weights().items()})
+        if self.spec.is_conv:
+            up, down = up[:, :, None, None], down.reshape(down.shape[0], *self.spec.weight_shape[1:])
+        return F_lora.bypass_delta(x, self.spec, down, up, self.scale)
+
+    def bypass_flops(self, positions: int) -> int | None:
+        if "t1" in self.param_names:
+            return None  # Tucker cores: no cheap factorisation, always merged
+        return F_lora.flops(self.spec, self.rank ** 2, positions)
 
     def delta_weight(self) -> torch.Tensor:
         return F_loha.delta_weight(self.weights(), self.scale, self.spec.weight_shape)

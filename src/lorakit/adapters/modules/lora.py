@@ -17,6 +17,7 @@ class LoRAOptions:
 
 class LoRAModule(AdapterModule):
     algo = "lora"
+    dropout_path = "bypass"  # masks act on the rank activations, which exist only on the bypass path
 
     @classmethod
     def create(cls, spec: LayerSpec, rank: int, alpha: float | None, options: LoRAOptions = LoRAOptions(),
@@ -41,6 +42,17 @@ class LoRAModule(AdapterModule):
         mid = getattr(self, "mid", None)
         return F_lora.bypass_delta(x, self.spec, self.down.to(dt), self.up.to(dt), self.scale,
                                    None if mid is None else mid.to(dt), mask, self.dropouts.dropout, self.training)
+
+    def bypass_forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, dt = self.layer, x.dtype
+        dropping = self.training and (self.dropouts.dropout > 0.0 or self.dropouts.rank_dropout > 0.0)
+        # the fused node gives no gradient to the layer's own weight/bias and does not autocast
+        plain = (not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
+                 and layer.weight.dtype == dt and not torch.is_autocast_enabled(x.device.type))
+        if self.spec.is_conv or dropping or not plain:
+            return super().bypass_forward(x)
+        return F_lora.fused_linear(x, layer.weight, layer.bias, self.down.to(dt), self.up.to(dt),
+                                   self.scale * self.multiplier)
 
     def bypass_flops(self, positions: int) -> int:
         return F_lora.flops(self.spec, self.rank, positions, tucker="mid" in self.param_names)
