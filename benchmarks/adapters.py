@@ -105,14 +105,13 @@ def bench_row(label, factory, shape, batch, reps, device, sync):
     x = torch.randn(batch, *shape, device=device, requires_grad=True)
     frozen = factory().to(device).requires_grad_(False)
     grad_out = torch.randn_like(frozen(x))
-    base_ms = time_round_robin({"frozen": step_fn(frozen, [], x, grad_out)}, reps, sync)["frozen"]
     rows = []
     for algo in ALGOS:
         impls = {"lorakit": lambda layer: ours(layer, algo),
                  "lycoris bypass": lambda layer: lycoris(layer, algo, True),
                  "lycoris rebuild": lambda layer: lycoris(layer, algo, False),
                  "peft": lambda layer: peft(layer, algo)}
-        steps, adapter = {}, None
+        steps, adapter = {"frozen": step_fn(frozen, [], x, grad_out)}, None  # timed in the same rounds
         for name, build in impls.items():
             layer = factory().to(device).requires_grad_(False)
             layer.load_state_dict(frozen.state_dict())
@@ -125,6 +124,7 @@ def bench_row(label, factory, shape, batch, reps, device, sync):
             randomize(params)
             steps[name] = step_fn(model, params, x, grad_out)
         times = time_round_robin(steps, reps, sync)
+        base_ms = times.pop("frozen")
         refs = [v for k, v in times.items() if k != "lorakit"]
         flop_ratio = adapter.training_flops(x.detach()) / (2 * adapter._output_positions(x) *
                                                           frozen.weight.numel())

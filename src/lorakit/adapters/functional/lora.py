@@ -87,10 +87,12 @@ def flops(spec: LayerSpec, rank: int, positions: int, tucker: bool = False) -> i
 
 
 class FusedLinearLoRA(torch.autograd.Function):
-    """y = x W^T + b + scale · (x D^T) U^T for a frozen Linear, without the two full-size elementwise passes
-    (scale, then add) of the textbook form, and with the two input-gradient terms summed in one GEMM's
-    accumulator instead of an extra add.
+    """y = x W^T + b + scale · (x D^T) U^T for a frozen Linear, in one autograd node.
 
+    The skinny rank-r GEMMs are memory-bound, so this avoids full-size passes: the adapter is accumulated
+    into the base GEMM's output in place (no separate scale and add), and backward runs grad through
+    [W | s·U] in one GEMM (grad read once for both input-side products). The base part is computed
+    exactly as F.linear does (addmm with the bias), so a zero adapter gives bit-identical outputs.
     x [T, in], W [out, in] (frozen), b [out] | None (frozen), D [r, in], U [out, r].
     """
 
@@ -98,7 +100,7 @@ class FusedLinearLoRA(torch.autograd.Function):
     def forward(ctx, x, weight, bias, down, up, scale: float):
         h = x @ down.T  # (T, r)
         y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-        y.addmm_(h, up.T, alpha=scale)  # accumulate the adapter into the GEMM output in place
+        y.addmm_(h, up.T, alpha=scale)  # (T, out), accumulated in place
         ctx.save_for_backward(x, weight, down, up, h)
         ctx.scale = scale
         return y
@@ -106,14 +108,15 @@ class FusedLinearLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, down, up, h = ctx.saved_tensors
-        scale = ctx.scale
-        grad_h = (grad @ up) * scale if (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]) else None  # (T, r)
+        scale, in_features = ctx.scale, weight.shape[1]
         grad_x = grad_down = grad_up = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight
-            grad_x.addmm_(grad_h, down)
-        if ctx.needs_input_grad[3]:
-            grad_down = grad_h.T @ x
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+            both = grad @ torch.cat([weight, up * scale], dim=1)  # (T, in + r): grad read once
+            grad_h = both[:, in_features:]
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.addmm(both[:, :in_features], grad_h, down)
+            if ctx.needs_input_grad[3]:
+                grad_down = grad_h.T @ x
         if ctx.needs_input_grad[4]:
             grad_up = (grad.T @ h) * scale
         return grad_x, None, None, grad_down, grad_up, None
