@@ -28,7 +28,7 @@ class LoraFileError(ValueError):
     """A file that cannot be read as asked; the message names the file (and key) and the fix."""
 
     def __init__(self, path: str | os.PathLike, message: str, key: str | None = None):
-        self.path, self.key = str(path), key
+        self.path, self.key, self.detail = str(path), key, message
         where = f"{path}" + (f" [{key}]" if key else "")
         super().__init__(f"{where}: {message}")
 

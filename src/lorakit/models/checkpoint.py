@@ -1,0 +1,196 @@
+"""Base models from a user's files, offline: diffusers folders and single-file SD1.x / SD2.x / SDXL checkpoints.
+
+    base = load_base_model("v1-5-pruned-emaonly.safetensors")   # family and prediction type detected
+    base.pipeline.unet, base.pipeline.text_encoder, ...
+
+Single files are `.safetensors` in the original layout (LDM for SD1/SD2, SGM for SDXL). `.ckpt`/`.pt` files are
+read only through torch's weights-only loader, never plain unpickling. Configs and tokenizer data ship with
+lorakit, so nothing is fetched. With no path, the embedded tiny model is used (and that is said).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorakit.formats.safetensors_io import LoraFileError, read_header, write_safetensors
+from lorakit.models.configs import PIPELINES, write_config_folder
+from lorakit.models.ldm_layout import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, to_original_layout
+
+SUPPORTED = "SD1.x (LDM, CLIP-L), SD2.x (LDM, OpenCLIP-H; eps or v), SDXL base (SGM, CLIP-L + OpenCLIP-bigG)"
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+
+
+class CheckpointError(LoraFileError):
+    """A base-model file that cannot be loaded; the message says what is wrong and what to do."""
+
+
+@dataclass
+class BaseModel:
+    pipeline: object  # StableDiffusionPipeline or StableDiffusionXLPipeline
+    family: str
+    prediction_type: str
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def text_encoders(self) -> list:
+        encoders = [self.pipeline.text_encoder]
+        if getattr(self.pipeline, "text_encoder_2", None) is not None:
+            encoders.append(self.pipeline.text_encoder_2)
+        return encoders
+
+
+def detect_family(keys) -> str:
+    keys = set(keys)
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        raise ValueError("no U-Net weights (`model.diffusion_model.*`): not a Stable Diffusion checkpoint")
+    if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.") for k in keys):
+        raise ValueError(f"an SGM checkpoint that is not SDXL base (a refiner?); supported: {SUPPORTED}")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if f"{UNET_PREFIX}input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight" in keys or any(
+            k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise ValueError(f"unknown architecture; supported: {SUPPORTED}")
+
+
+def detect_prediction(keys, family: str) -> tuple[str, str]:
+    """(prediction type, how it was decided). The keys rarely say: markers if present, else the family default."""
+    keys = set(keys)
+    if "v_pred" in keys or "edm_vpred.sigma_max" in keys:
+        return "v_prediction", "a v-prediction marker key in the file"
+    return "epsilon", (f"no v-prediction marker in the file; {FAMILY_NAMES[family]} default. SD2 768-v models need "
+                       "prediction_type='v_prediction'")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a single-file checkpoint; .safetensors validated first, pickles only weights-only."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".ckpt", ".pt", ".pth"):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # weights-only unpickling refuses code objects: say so, do not fall back
+            raise CheckpointError(path, f"not readable with weights-only loading ({type(e).__name__}: {e}); lorakit "
+                                        "never unpickles arbitrary objects. Convert it to .safetensors with a tool "
+                                        "you trust") from None
+        state = data.get("state_dict", data) if isinstance(data, dict) else None
+        if not isinstance(state, dict):
+            raise CheckpointError(path, "no state dict inside this pickle")
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if suffix != ".safetensors":
+        raise CheckpointError(path, f"unsupported file type {suffix!r}: give a .safetensors single file, a .ckpt "
+                                    "(read weights-only) or a diffusers folder")
+    try:
+        read_header(path)  # truncation and malformed headers fail here, naming the file
+    except LoraFileError as e:
+        raise CheckpointError(path, e.detail, e.key) from None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _check_parts(path, keys, family: str, vae) -> None:
+    if vae is None and not any(k.startswith(VAE_PREFIX) for k in keys):
+        raise CheckpointError(path, "the file has no VAE (`first_stage_model.*`); pass vae=<diffusers AutoencoderKL "
+                                    "folder or .safetensors> (CLI: --vae) to supply one")
+    for prefix in TEXT_PREFIXES[family]:
+        if not any(k.startswith(prefix) for k in keys):
+            raise CheckpointError(path, f"the file has no text encoder (`{prefix}*`); {FAMILY_NAMES[family]} single "
+                                        "files must contain it. Use the full checkpoint or a diffusers folder")
+
+
+def load_single_file(path: str | os.PathLike, family: str | None = None, prediction_type: str | None = None,
+                     config_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+                     vae=None) -> BaseModel:
+    """Load an original-layout checkpoint through diffusers' single-file loader, fully offline.
+
+    config_dir: a weightless diffusers folder describing the architecture (default: the family's standard
+    config, written by lorakit); tiny test models pass their own.
+    """
+    import diffusers
+
+    path = Path(path)
+    state = read_checkpoint(path)
+    notes = []
+    try:
+        detected = detect_family(state)
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from None
+    if family and family != detected:
+        notes.append(f"family {family} given; keys look like {detected}")
+    family = family or detected
+    _check_parts(path, state, family, vae)
+    guess, why = detect_prediction(state, family)
+    prediction_type = prediction_type or guess
+    notes.append(f"detected {FAMILY_NAMES[detected]} from the keys; prediction type {prediction_type}"
+                 + ("" if prediction_type == guess and family == detected else " (given)") + f" ({why})")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(config_dir) if config_dir else write_config_folder(Path(tmp) / "config", family)
+        source = path
+        if path.suffix.lower() != ".safetensors":  # hand diffusers tensors we read safely, never the pickle
+            source = Path(tmp) / "converted.safetensors"
+            write_safetensors(source, {k: v.contiguous() for k, v in state.items()}, {})
+        del state
+        scheduler = diffusers.DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler",
+                                                            prediction_type=prediction_type)
+        cls = getattr(diffusers, PIPELINES[family])
+        extra = {"vae": vae} if vae is not None else {}
+        if family != "sdxl":
+            extra.update(safety_checker=None, requires_safety_checker=False)
+        pipe = cls.from_single_file(str(source), config=str(folder), local_files_only=True, torch_dtype=dtype,
+                                    scheduler=scheduler, **extra)
+    return BaseModel(pipe, family, prediction_type, str(path), notes)
+
+
+def load_base_model(name_or_path: str | os.PathLike | None = None, **kwargs) -> BaseModel:
+    """A user's base model (single file or diffusers folder), or the embedded tiny model when none is given."""
+    if name_or_path is None:
+        from lorakit.models.tiny import embedded_model_dir, load_pipeline
+
+        pipe = load_pipeline(dtype=kwargs.get("dtype", torch.float32))
+        return BaseModel(pipe, "sd1", "epsilon", str(embedded_model_dir()),
+                         ["no base model given: using lorakit's embedded tiny SD model (64x64, for tests and demos)"])
+    path = Path(name_or_path)
+    if path.is_dir():
+        return _load_folder(path, **kwargs)
+    if not path.exists():
+        raise CheckpointError(path, "no such file or folder (models are never downloaded: give a local path)")
+    return load_single_file(path, **kwargs)
+
+
+def _load_folder(path: Path, dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
+                 **_) -> BaseModel:
+    import json
+
+    import diffusers
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(path, "not a diffusers folder (no model_index.json)")
+    cls_name = json.loads(index.read_text()).get("_class_name", "")
+    family = "sdxl" if "XL" in cls_name else "sd1"
+    pipe = getattr(diffusers, cls_name).from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    if family == "sd1" and pipe.unet.config.get("use_linear_projection"):
+        family = "sd2"
+    pred = prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon")
+    return BaseModel(pipe, family, pred, str(path), [f"diffusers folder ({cls_name}); prediction type {pred}"])
+
+
+def save_single_file(path: str | os.PathLike, family: str, unet, vae, text_encoders, dtype=None,
+                     passthrough: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None):
+    """Write the components as one original-layout .safetensors file (atomic). `passthrough` carries source
+    keys that diffusers does not model (e.g. SD2's unused last text-encoder layer) unchanged."""
+    state = to_original_layout(family, unet, vae, text_encoders)
+    for key, tensor in (passthrough or {}).items():
+        state.setdefault(key, tensor)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata or {})
+    return Path(path)
