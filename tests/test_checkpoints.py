@@ -110,3 +110,13 @@ def test_clear_errors_for_bad_checkpoints(tmp_path):
         load_base_model(tmp_path / "m.bin")
     with pytest.raises(CheckpointError, match="never downloaded"):
         load_base_model("runwayml/stable-diffusion-v1-5")
+
+
+def test_inspect_reads_a_checkpoint_from_its_header(tmp_path, capsys):
+    from lorakit.cli import main
+
+    unet, vae, encoders = tiny_parts("sdxl")
+    path = save_single_file(tmp_path / "xl.safetensors", "sdxl", unet, None, encoders, dtype=torch.float16)
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "SDXL single file" in text and "missing     vae" in text and "text_encoder_2" in text

@@ -7,13 +7,14 @@ conv vs linear); dtypes, size, metadata, and whether sshs_model_hash matches the
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from lorakit.adapters.functional import lokr as F_lokr
 from lorakit.formats.kohya import KeyProblem, group_by_module, parse_module
-from lorakit.formats.safetensors_io import LoraFileError, file_data_hash, read_safetensors
+from lorakit.formats.safetensors_io import LoraFileError, file_data_hash, read_header, read_safetensors
 from lorakit.surgery.blocks import SD_BLOCKS, SDXL_BLOCKS, block_of_kohya_name, family_of_kohya_names
 
 # kohya names of kxk convs, for layouts that flatten the kernel (LoHa, factorised LoKr)
@@ -21,6 +22,9 @@ _KXK_SUFFIXES = ("_conv1", "_conv2", "_conv", "_op", "_in_layers_2", "_out_layer
 
 
 def inspect_file(path: str | os.PathLike) -> dict:
+    header, _, _ = read_header(path)
+    if any(k.startswith("model.diffusion_model.") for k in header):
+        return inspect_checkpoint(path)
     tensors, metadata = read_safetensors(path)
     try:
         groups = group_by_module(tensors)
@@ -51,6 +55,40 @@ def inspect_file(path: str | os.PathLike) -> dict:
         "metadata": {k: _maybe_json(v) for k, v in sorted(metadata.items())},
         "modules": modules,
     }
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict:
+    """A base-model single file, from its header alone: family, prediction type, parts, dtypes, size."""
+    from lorakit.models.checkpoint import FAMILY_NAMES, detect_family, detect_prediction
+    from lorakit.models.ldm_layout import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX
+
+    header, metadata, _ = read_header(path)
+    try:
+        family = detect_family(header)
+    except ValueError as e:
+        raise LoraFileError(path, str(e)) from None
+    prediction, why = detect_prediction(header, family)
+    parts = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}
+    parts.update({f"text_encoder{'_' + str(i + 1) if i else ''}": p for i, p in enumerate(TEXT_PREFIXES[family])})
+    counts = {name: sum(k.startswith(prefix) for k in header) for name, prefix in parts.items()}
+    params = {name: sum(math.prod(v["shape"]) for k, v in header.items() if k.startswith(prefix))
+              for name, prefix in parts.items()}
+    return {"file": str(path), "kind": "checkpoint", "size_bytes": Path(path).stat().st_size,
+            "family": family, "family_name": FAMILY_NAMES[family], "prediction_type": prediction,
+            "prediction_reason": why, "tensors": counts, "parameters": params,
+            "missing": [name for name, n in counts.items() if n == 0],
+            "dtypes": dict(Counter(v["dtype"] for v in header.values())), "metadata": metadata}
+
+
+def format_checkpoint_report(report: dict) -> str:
+    lines = [f"file        {report['file']}", f"size        {report['size_bytes']:,} bytes",
+             f"base model  {report['family_name']} single file; prediction {report['prediction_type']} "
+             f"({report['prediction_reason']})", f"dtypes      {report['dtypes']}"]
+    for name, n in report["tensors"].items():
+        lines.append(f"{name:<16}{n:>6} tensors {report['parameters'][name]:>14,} parameters")
+    if report["missing"]:
+        lines.append(f"missing     {', '.join(report['missing'])}: supply them separately to load this file")
+    return "\n".join(lines)
 
 
 def _family(metadata: dict[str, str], names: list[str]) -> str:
@@ -130,6 +168,8 @@ def _maybe_json(value: str):
 
 
 def format_report(report: dict, show_modules: bool = False) -> str:
+    if report.get("kind") == "checkpoint":
+        return format_checkpoint_report(report)
     lines = [f"file        {report['file']}",
              f"size        {report['size_bytes']:,} bytes, {report['num_parameters']:,} parameters",
              f"base        {report['family']}",

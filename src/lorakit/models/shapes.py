@@ -105,7 +105,8 @@ def sample_batch(scenes: list[Scene], batch: int, rng: random.Random) -> tuple[n
 def judge(image: np.ndarray) -> tuple[str | None, str | None]:
     """(colour, shape) seen in an (H, W, 3) uint8 image, or None where nothing clear is there.
 
-    Background = median colour of the border; foreground = pixels far from it; colour = nearest palette
+    Background = median colour of the border; foreground = pixels far from it (none, or more than 60% of the
+    image, means no clear shape); colour = nearest palette
     entry to the foreground's median; shape = the template (at the foreground's bounding box) with the
     best intersection-over-union, if that IoU exceeds 0.5.
     """
@@ -115,7 +116,7 @@ def judge(image: np.ndarray) -> tuple[str | None, str | None]:
                              img[:, -2:].reshape(-1, 3)])
     background = np.median(border, axis=0)
     foreground = np.linalg.norm(img - background, axis=2) > 60
-    if foreground.sum() < 12:
+    if not 12 <= foreground.sum() <= 0.6 * h * w:  # nothing there, or no background to speak of (noise)
         return None, None
     rgb = np.median(img[foreground], axis=0)
     colour = min(PALETTE, key=lambda c: float(np.linalg.norm(rgb - np.array(PALETTE[c]))))

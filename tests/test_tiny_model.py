@@ -1,0 +1,62 @@
+"""The embedded tiny model: SD1.5 topology, the procedural data and its judge, and (shipped weights) that it
+generates what prompts ask for."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lorakit.models import shapes
+from lorakit.models.tiny import build_components, embedded_model_dir
+from lorakit.surgery.blocks import SD_BLOCKS
+from lorakit.surgery.config import NetworkConfig
+from lorakit.surgery.network import create_network
+
+
+def test_judge_reads_rendered_scenes():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = rng.choice(shapes.all_scenes())
+        assert shapes.judge(shapes.render(scene, rng)) == (scene.colour, scene.shape), scene.caption
+
+
+def test_judge_sees_nothing_on_a_plain_or_noisy_image():
+    plain = np.full((64, 64, 3), 128, np.uint8)
+    assert shapes.judge(plain) == (None, None)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    assert shapes.judge(noise) == (None, None)
+
+
+def test_captions_parse_and_held_out_prompts_never_train():
+    scene = shapes.Scene.parse("a small blue triangle on a white background, bottom right")
+    assert scene == shapes.Scene("blue", "triangle", "white", "bottom right", "small")
+    held = shapes.held_out_triples(0)
+    assert len(held) == 16
+    assert not any((s.colour, s.shape, s.background) in held for s in shapes.training_scenes(0))
+
+
+def test_tiny_unet_has_every_sd15_block_for_locon():
+    unet, _, text_encoder = build_components()
+    net = create_network(unet, [text_encoder], NetworkConfig(network_dim=4, conv_dim=4))
+    blocks = {info.block for info in net.info.values() if info.component == "unet"}
+    assert blocks == set(SD_BLOCKS) - {"IN00"}  # IN00 is conv_in, never adapted (as in kohya)
+    conv_blocks = {net.info[n].block for n, a in net.adapters.items() if a.spec.kernel == (3, 3)}
+    assert conv_blocks == set(SD_BLOCKS) - {"IN00"}
+
+
+def test_embedded_weights_ship_and_follow_prompts():
+    folder = embedded_model_dir()
+    assert (folder / "model_index.json").is_file(), "embedded model weights are missing from the package"
+    from lorakit.models.checkpoint import load_base_model
+
+    base = load_base_model()
+    assert "embedded tiny SD model" in base.notes[0]
+    pipe = base.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    assert size <= 20 * 1024 * 1024
+    prompts = ["a large red square on a white background, center", "a large blue circle on a yellow background, center"]
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                  height=64, width=64, output_type="np").images
+    judged = [shapes.judge((im * 255).round().astype(np.uint8)) for im in images]
+    assert judged == [("red", "square"), ("blue", "circle")]
