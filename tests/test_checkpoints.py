@@ -120,3 +120,16 @@ def test_inspect_reads_a_checkpoint_from_its_header(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
     assert "SDXL single file" in text and "missing     vae" in text and "text_encoder_2" in text
+
+
+def test_full_size_sd15_keys_map_back_through_diffusers_converter():
+    """diffusers' own LDM -> diffusers converter turns our full-size SD1.5 U-Net keys back into exactly the
+    diffusers U-Net's keys and shapes (on the meta device: no weights are allocated)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet = build_unet("sd1", "meta")
+    ldm = to_original_layout("sd1", unet)
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    ours = unet.state_dict()
+    assert set(back) == set(ours)
+    assert all(tuple(back[k].shape) == tuple(ours[k].shape) for k in ours)

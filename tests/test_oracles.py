@@ -101,11 +101,18 @@ def test_we_load_lycoris_written_files_and_match_lycoris(tmp_path, algo):
 
 
 @pytest.mark.parametrize("conv_dim", [0, 4])
-def test_diffusers_load_lora_weights_matches_our_outputs(tmp_path, conv_dim):
+def test_diffusers_pipeline_load_lora_weights_matches_our_outputs(tmp_path, conv_dim):
+    """A tiny StableDiffusionPipeline loads our kohya-format file with `load_lora_weights` (PEFT backend)."""
     pytest.importorskip("peft")
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    from lorakit.models.tiny import SCHEDULER, TINY_VAE
+    from lorakit.models.tokenizer import clip_tokenizer
 
     unet, (te,) = build_unet("tiny-sd1"), build_text_encoders("tiny-sd1")
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**TINY_VAE), text_encoder=te, tokenizer=clip_tokenizer(),
+                                   unet=unet, scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     x, t, _, _ = unet_inputs(unet)
     ids = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(0))
     base, base_ctx = outputs(unet, te, ids, x, t)
@@ -115,10 +122,8 @@ def test_diffusers_load_lora_weights_matches_our_outputs(tmp_path, conv_dim):
     ours, ours_ctx = outputs(unet, te, ids, x, t)
     path = save_network(net, tmp_path / "ours.safetensors")
     net.restore()
-    state_dict, alphas = Loader.lora_state_dict(str(path))
-    Loader.load_lora_into_unet(state_dict, alphas, unet, adapter_name="ours")
-    Loader.load_lora_into_text_encoder(state_dict, alphas, te, prefix="text_encoder", adapter_name="ours")
-    theirs, theirs_ctx = outputs(unet, te, ids, x, t)
+    pipe.load_lora_weights(str(path), adapter_name="ours")
+    theirs, theirs_ctx = outputs(pipe.unet, pipe.text_encoder, ids, x, t)
     assert not torch.allclose(ours_ctx, base_ctx) and not torch.allclose(ours, base)
     torch.testing.assert_close(theirs_ctx, ours_ctx, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)

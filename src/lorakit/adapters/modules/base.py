@@ -166,10 +166,11 @@ class AdapterModule(nn.Module):
         return dw
 
     def _mode_for(self, x: torch.Tensor) -> str:
-        if self.forward_mode != "auto":
-            return self.forward_mode
+        # dropouts are defined on one path; in training they take precedence over a forced forward_mode
         if self.training and (self.dropouts.dropout > 0.0 or self.dropouts.rank_dropout > 0.0):
             return self.dropout_path
+        if self.forward_mode != "auto":
+            return self.forward_mode
         key = (tuple(x.shape), torch.is_grad_enabled())
         mode = self._chosen.get(key)
         if mode is None:
