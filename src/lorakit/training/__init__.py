@@ -1,0 +1,1 @@
+"""Training: the typed configuration, datasets, and (later) the training loop."""
