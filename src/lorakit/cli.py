@@ -24,6 +24,16 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_check_dataset(args) -> int:
+    from lorakit.training.dataset import format_dataset_report, load_specs, scan
+
+    specs, notes = load_specs(args.target, args.caption_extension, args.resolution)
+    report = scan(specs)
+    report.notes[:0] = notes
+    print(format_dataset_report(specs, report))
+    return 1 if not report.items else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA / LoCon / LoHa / LoKr for Stable Diffusion")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--modules", action="store_true", help="also list every module")
     p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("check-dataset", help="check images, captions, repeats and buckets before training")
+    p.add_argument("target", help="folder of `N_name` subfolders, or a kohya dataset .toml")
+    p.add_argument("--caption-extension", default=".txt")
+    p.add_argument("--resolution", type=int, default=512)
+    p.set_defaults(func=_cmd_check_dataset)
     p = sub.add_parser("demo", help="smallest end-to-end run: LoCon on a tiny SD model, train, save, inspect")
     p.add_argument("--output", default="lorakit-demo", help="folder for the demo's files")
     p.add_argument("--steps", type=int, default=30, help="training steps")
@@ -42,10 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lorakit.formats.safetensors_io import LoraFileError
+    from lorakit.training.config import ConfigError
 
     try:
         return args.func(args)
-    except (LoraFileError, ValueError) as e:
+    except (LoraFileError, ConfigError, ValueError) as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2
 
