@@ -1,6 +1,7 @@
 """LoHa module: Hadamard product of two low-rank products (rank r buys rank r²)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,7 @@ class LoHaModule(AdapterModule):
         return F_loha.rank_of(self.weights())
 
     def build_flops(self) -> int:
-        numel = 1
-        for s in self.spec.weight_shape:
-            numel *= s
+        numel = math.prod(self.spec.weight_shape)
         return 2 * numel * self.rank + numel  # two rank-r products and their Hadamard product
 
     def bypass_delta(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """LoKr module: Kronecker product of a small W1 and a (possibly low-rank) W2."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,7 @@ class LoKrModule(AdapterModule):
         return self.bypass_flops(positions) * 5.0
 
     def build_flops(self) -> int:
-        numel = 1
-        for s in self.spec.weight_shape:
-            numel *= s
+        numel = math.prod(self.spec.weight_shape)
         w = self.weights()
         w2_numel = numel // full_w1_numel(w)
         low_rank = 0 if "w2" in w else w2_numel * self.rank * (2 if "t2" in w else 1)
