@@ -114,39 +114,59 @@ def load_single_file(path: str | os.PathLike, family: str | None = None, predict
     config_dir: a weightless diffusers folder describing the architecture (default: the family's standard
     config, written by lorakit); tiny test models pass their own.
     """
-    import diffusers
-
     path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        source, keys = _readable_source(path, Path(tmp))
+        family, prediction_type, notes = _identify(path, keys, family, prediction_type, vae)
+        folder = Path(config_dir) if config_dir else write_config_folder(Path(tmp) / "config", family)
+        pipe = _from_single_file(path, source, folder, family, prediction_type, dtype, vae)
+    return BaseModel(pipe, family, prediction_type, str(path), notes)
+
+
+def _readable_source(path: Path, tmp: Path) -> tuple[Path, list[str]]:
+    """(a .safetensors path diffusers may read, its keys). Headers are validated; a pickle is read weights-only
+    and rewritten as safetensors, so diffusers never unpickles anything. Safetensors are not loaded here."""
+    if path.suffix.lower() == ".safetensors":
+        try:
+            header, _, _ = read_header(path)
+        except LoraFileError as e:
+            raise CheckpointError(path, e.detail, e.key) from None
+        return path, list(header)
     state = read_checkpoint(path)
-    notes = []
+    source = tmp / "converted.safetensors"
+    write_safetensors(source, {k: v.contiguous() for k, v in state.items()}, {})
+    return source, list(state)
+
+
+def _identify(path, keys, family, prediction_type, vae) -> tuple[str, str, list[str]]:
     try:
-        detected = detect_family(state)
+        detected = detect_family(keys)
     except ValueError as e:
         raise CheckpointError(path, str(e)) from None
-    if family and family != detected:
-        notes.append(f"family {family} given; keys look like {detected}")
+    notes = [] if not family or family == detected else [f"family {family} given; keys look like {detected}"]
     family = family or detected
-    _check_parts(path, state, family, vae)
-    guess, why = detect_prediction(state, family)
-    prediction_type = prediction_type or guess
-    notes.append(f"detected {FAMILY_NAMES[detected]} from the keys; prediction type {prediction_type}"
-                 + ("" if prediction_type == guess and family == detected else " (given)") + f" ({why})")
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(config_dir) if config_dir else write_config_folder(Path(tmp) / "config", family)
-        source = path
-        if path.suffix.lower() != ".safetensors":  # hand diffusers tensors we read safely, never the pickle
-            source = Path(tmp) / "converted.safetensors"
-            write_safetensors(source, {k: v.contiguous() for k, v in state.items()}, {})
-        del state
-        scheduler = diffusers.DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler",
-                                                            prediction_type=prediction_type)
-        cls = getattr(diffusers, PIPELINES[family])
-        extra = {"vae": vae} if vae is not None else {}
-        if family != "sdxl":
-            extra.update(safety_checker=None, requires_safety_checker=False)
-        pipe = cls.from_single_file(str(source), config=str(folder), local_files_only=True, torch_dtype=dtype,
-                                    scheduler=scheduler, **extra)
-    return BaseModel(pipe, family, prediction_type, str(path), notes)
+    _check_parts(path, keys, family, vae)
+    guess, why = detect_prediction(keys, family)
+    chosen = prediction_type or guess
+    notes.insert(0, f"detected {FAMILY_NAMES[detected]} from the keys; prediction type {chosen}"
+                 + (" (given)" if prediction_type else f" ({why})"))
+    return family, chosen, notes
+
+
+def _from_single_file(path, source, folder, family, prediction_type, dtype, vae):
+    import diffusers
+
+    scheduler = diffusers.DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler",
+                                                        prediction_type=prediction_type)
+    extra = {"vae": vae} if vae is not None else {}
+    if family != "sdxl":
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        return getattr(diffusers, PIPELINES[family]).from_single_file(
+            str(source), config=str(folder), local_files_only=True, torch_dtype=dtype, scheduler=scheduler, **extra)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(path, f"could not be loaded as {FAMILY_NAMES[family]} ({type(e).__name__}: {e}); "
+                                    f"supported: {SUPPORTED}") from None
 
 
 def load_base_model(name_or_path: str | os.PathLike | None = None, **kwargs) -> BaseModel:
