@@ -39,3 +39,23 @@ def test_noise_offset_is_constant_per_channel():
     channel_means = shifted.mean(dim=(2, 3))
     assert channel_means.std() > 3 * plain.mean(dim=(2, 3)).std()  # the offset moves whole channels
     assert obj.weighted_mse(torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([1.0, 0.0])) == pytest.approx(0.5)
+
+
+def test_lion_matches_its_definition_and_schedules_warm_up():
+    from lorakit.training.optim import Lion, make_optimizer, make_scheduler
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.0)
+    p.grad = torch.tensor([0.5, -0.1])
+    opt.step()  # m = 0: update = sign(0.1·g) = sign(g)
+    torch.testing.assert_close(p.detach(), torch.tensor([0.9, -1.9]))
+    q = torch.nn.Parameter(torch.zeros(1))
+    adam = make_optimizer("AdamW", [{"params": [q]}], 1e-3, torch.device("cpu"))
+    sched = make_scheduler("constant", adam, warmup_steps=10, total_steps=100)
+    assert adam.param_groups[0]["lr"] == 0.0
+    for _ in range(10):
+        adam.step()
+        sched.step()
+    assert adam.param_groups[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="CUDA"):
+        make_optimizer("AdamW8bit", [{"params": [q]}], 1e-3, torch.device("cpu"))
