@@ -34,6 +34,18 @@ def _cmd_check_dataset(args) -> int:
     return 1 if not report.items else 0
 
 
+def _cmd_train(args, extra: list[str]) -> int:
+    from lorakit.training.config import load_config, parse_overrides
+    from lorakit.training.trainer import train
+
+    config = load_config(args.config, parse_overrides(extra))
+    result = train(config)
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s; final loss {result.losses[-1]:.4f}")
+    for path in result.files:
+        print(f"saved {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA / LoCon / LoHa / LoKr for Stable Diffusion")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--modules", action="store_true", help="also list every module")
     p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("train", help="train a LoRA/LoCon/LoHa/LoKr: lorakit train CONFIG.toml [--key value ...]")
+    p.add_argument("config", nargs="?", help="TOML with kohya's keys (optional: all keys can be flags)")
+    p.set_defaults(func=_cmd_train, takes_extra=True)
     p = sub.add_parser("check-dataset", help="check images, captions, repeats and buckets before training")
     p.add_argument("target", help="folder of `N_name` subfolders, or a kohya dataset .toml")
     p.add_argument("--caption-extension", default=".txt")
@@ -55,12 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        build_parser().parse_args(argv)  # argparse's own error for unknown flags
+
     from lorakit.formats.safetensors_io import LoraFileError
     from lorakit.training.config import ConfigError
 
     try:
-        return args.func(args)
+        return args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
     except (LoraFileError, ConfigError, ValueError) as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -163,7 +163,7 @@ def _from_single_file(path, source, folder, family, prediction_type, dtype, vae)
         extra.update(safety_checker=None, requires_safety_checker=False)
     try:
         return getattr(diffusers, PIPELINES[family]).from_single_file(
-            str(source), config=str(folder), local_files_only=True, torch_dtype=dtype, scheduler=scheduler, **extra)
+            str(source), config=str(folder), local_files_only=True, dtype=dtype, scheduler=scheduler, **extra)
     except (ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(path, f"could not be loaded as {FAMILY_NAMES[family]} ({type(e).__name__}: {e}); "
                                     f"supported: {SUPPORTED}") from None
@@ -196,7 +196,7 @@ def _load_folder(path: Path, dtype: torch.dtype = torch.float32, prediction_type
         raise CheckpointError(path, "not a diffusers folder (no model_index.json)")
     cls_name = json.loads(index.read_text()).get("_class_name", "")
     family = "sdxl" if "XL" in cls_name else "sd1"
-    pipe = getattr(diffusers, cls_name).from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    pipe = getattr(diffusers, cls_name).from_pretrained(str(path), dtype=dtype, local_files_only=True)
     if family == "sd1" and pipe.unet.config.get("use_linear_projection"):
         family = "sd2"
     pred = prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon")

@@ -73,6 +73,6 @@ def load_pipeline(folder: str | Path | None = None, dtype: torch.dtype = torch.f
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: no embedded model weights; rebuild them with "
                                 "`python -m lorakit.models.pretrain` (see its model card)")
-    return StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+    return StableDiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
                                                    safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)

@@ -1,0 +1,84 @@
+"""`lorakit train` end to end on a tiny model folder: files, metadata, conv keys, NaN stop."""
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lorakit.cli import main
+from lorakit.formats.safetensors_io import read_safetensors
+from lorakit.models import shapes
+from lorakit.models.tiny import build_components, save_folder
+from lorakit.training.config import build_config
+from lorakit.training.trainer import Trainer, TrainingStopped
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    import torch
+
+    return save_folder(tmp_path_factory.mktemp("base") / "tiny-sd", *build_components(0), dtype=torch.float32)
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "data" / "3_red shape"
+    folder.mkdir(parents=True)
+    rng = random.Random(0)
+    for i in range(4):
+        scene = rng.choice([s for s in shapes.all_scenes() if s.colour == "red"])
+        Image.fromarray(shapes.render(scene, rng)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(scene.caption)
+    return tmp_path / "data"
+
+
+def config(tiny_folder, images, tmp_path, **kw):
+    values = dict(pretrained_model_name_or_path=str(tiny_folder), train_data_dir=str(images), resolution=64,
+                  train_batch_size=2, max_train_steps=4, network_dim=4, network_alpha=2, learning_rate=1e-3,
+                  output_dir=str(tmp_path / "out"), output_name="t", seed=1)
+    values.update(kw)
+    return build_config({k: v for k, v in values.items() if v is not None})
+
+
+@pytest.mark.parametrize("conv_dim", [0, 4])
+def test_train_writes_loadable_files_with_metadata(tiny_folder, images, tmp_path, conv_dim):
+    cfg = config(tiny_folder, images, tmp_path, conv_dim=conv_dim, conv_alpha=1 if conv_dim else None,
+                 max_train_steps=None, max_train_epochs=2, save_every_n_epochs=1)
+    result = Trainer(cfg).run()
+    assert result.steps == 12  # 4 images x 3 repeats / batch 2 = 6 steps per epoch
+    assert [p.name for p in result.files] == ["t-000001.safetensors", "t.safetensors"]
+    tensors, meta = read_safetensors(result.files[-1])
+    has_conv = any("resnets" in k and k.endswith("lora_down.weight") and tensors[k].dim() == 4
+                   and tensors[k].shape[-1] == 3 for k in tensors)
+    assert has_conv == bool(conv_dim)
+    assert meta["ss_steps"] == "12" and meta["ss_num_train_images"] == "12"
+    assert json.loads(meta["ss_tag_frequency"])["3_red shape"]
+    assert all(np.isfinite(result.losses))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_earlier_files(tiny_folder, images, tmp_path, monkeypatch):
+    cfg = config(tiny_folder, images, tmp_path, max_train_steps=None, max_train_epochs=3, save_every_n_epochs=1)
+    trainer = Trainer(cfg)
+    real_loss, calls = trainer.loss, {"n": 0}
+
+    def loss_then_nan(*args):
+        calls["n"] += 1
+        value = real_loss(*args)
+        return value * float("nan") if calls["n"] > 8 else value
+
+    monkeypatch.setattr(trainer, "loss", loss_then_nan)
+    with pytest.raises(TrainingStopped, match="loss became nan at step 9"):
+        trainer.run()
+    assert (tmp_path / "out" / "t-000001.safetensors").is_file()
+    assert not (tmp_path / "out" / "t.safetensors").exists()
+
+
+def test_train_cli_checks_config_before_loading(tiny_folder, images, tmp_path, capsys):
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'pretrained_model_name_or_path = "{tiny_folder}"\ntrain_data_dir = "{images}"\nresolution = 64\n'
+                    f'max_train_steps = 2\noutput_dir = "{tmp_path / "cli"}"\nnetwork_dim = 4\n')
+    assert main(["train", str(toml), "--conv_dim", "4", "--conv_alpha", "2"]) == 0
+    assert "saved" in capsys.readouterr().out and (tmp_path / "cli" / "lora.safetensors").is_file()
+    assert main(["train", str(toml), "--netwrok_dim", "4"]) == 2
+    assert "did you mean 'network_dim'" in capsys.readouterr().err
