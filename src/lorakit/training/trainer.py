@@ -8,7 +8,6 @@ Files are written atomically with full metadata; a NaN/inf loss stops the run an
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -93,8 +92,9 @@ class Trainer:
 
     # ---- steps ------------------------------------------------------------------------------
     def total_steps(self) -> int:
-        per_epoch = math.ceil(batches_per_epoch(self.report.items, self.specs[0].batch_size)
-                              / self.config.gradient_accumulation_steps)
+        # an optimizer step needs a full group of micro-batches; a partial group at the epoch's end carries over
+        per_epoch = max(1, batches_per_epoch(self.report.items, self.specs[0].batch_size)
+                        // self.config.gradient_accumulation_steps)
         if self.config.max_train_epochs:
             return per_epoch * self.config.max_train_epochs
         return self.config.max_train_steps
