@@ -1,4 +1,5 @@
-"""Architecture rules: imports go one way (math <- modules <- surgery <- formats <- tools <- CLI); size budgets."""
+"""Architecture rules: imports go one way (math <- modules <- surgery <- formats <- models <- trainer <- CLI);
+size budgets."""
 import ast
 from pathlib import Path
 
@@ -11,11 +12,12 @@ LAYERS = [
     ("lorakit.adapters.modules", 1),
     ("lorakit.adapters.registry", 2),
     ("lorakit.surgery", 3),
-    ("lorakit.models", 3),
     ("lorakit.formats", 4),
+    ("lorakit.models", 5),  # base models: configs, checkpoints (uses the validated file I/O), the tiny model
     ("lorakit.inspect_file", 5),
-    ("lorakit.demo", 6),
-    ("lorakit.cli", 7),
+    ("lorakit.training", 6),
+    ("lorakit.demo", 7),
+    ("lorakit.cli", 8),
 ]
 
 
