@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build on CPU machines
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements-lock.txt
-	# open_clip's tokenizer is a test oracle only; its package pulls torchvision, which breaks CPU torch
+	# open_clip's tokenizer is a test oracle only: --no-deps keeps its vision dependencies out of this venv
 	$(BIN)/python -m pip install -q --no-deps open_clip_torch==3.3.0
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)

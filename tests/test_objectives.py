@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lorakit.training import objectives as obj
+from lorakit.models import objectives as obj
 
 
 @pytest.fixture

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lorakit.formats.files import load_network_file, save_network
 from lorakit.inspect_file import format_report, inspect_file
-from lorakit.models import shapes
+from lorakit.models import objectives, shapes
 from lorakit.models.checkpoint import load_base_model
 from lorakit.models.tokenizer import clip_tokenizer
 from lorakit.surgery.config import NetworkConfig
@@ -42,9 +41,8 @@ def style_batch(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def diffusion_loss(unet, latents, context, timesteps, noise, alphas_cumprod) -> torch.Tensor:
-    a = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    return F.mse_loss(unet(noisy, timesteps, context).sample, noise)
+    noisy = objectives.add_noise(latents, noise, alphas_cumprod, timesteps)
+    return objectives.weighted_mse(unet(noisy, timesteps, context).sample, noise)
 
 
 def run_demo(output: str | Path = "lorakit-demo", steps: int = 30, seed: int = 0) -> dict:

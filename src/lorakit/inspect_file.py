@@ -16,6 +16,7 @@ from lorakit.adapters.functional import lokr as F_lokr
 from lorakit.formats.kohya import KeyProblem, group_by_module, parse_module
 from lorakit.formats.safetensors_io import LoraFileError, file_data_hash, read_header, read_safetensors
 from lorakit.surgery.blocks import SD_BLOCKS, SDXL_BLOCKS, block_of_kohya_name, family_of_kohya_names
+from lorakit.surgery.targets import te_block_label
 
 # kohya names of kxk convs, for layouts that flatten the kernel (LoHa, factorised LoKr)
 _KXK_SUFFIXES = ("_conv1", "_conv2", "_conv", "_op", "_in_layers_2", "_out_layers_3")
@@ -139,11 +140,9 @@ def _component_and_block(name: str, family: str) -> tuple[str, str | None]:
         return "unet", block_of_kohya_name(name[len("lora_unet_"):], family)
     for prefix in ("lora_te1_", "lora_te2_", "lora_te_"):
         if name.startswith(prefix):
-            label = prefix[len("lora_"):-1].upper()
+            component = prefix[len("lora_"):-1]
             parts = name.split("_layers_")
-            layer = parts[1].split("_")[0] if len(parts) > 1 else ""
-            label = label if label == "TE" else label + "_"
-            return prefix[len("lora_"):-1], (f"{label}{int(layer):02d}" if layer.isdigit() else label.rstrip("_"))
+            return component, te_block_label(component, parts[1].split("_")[0] if len(parts) > 1 else "")
     return "other", None
 
 

@@ -115,7 +115,7 @@ def _fit_layout(internal: str, t: torch.Tensor, spec: LayerSpec, algo: str) -> t
             return t[:, :, None, None]
         if not spec.is_conv and t.dim() == 4 and t.shape[2:] == (1, 1):  # SD2 proj_in saved as 1x1 conv
             return t[:, :, 0, 0]
-    if algo == "lokr" and internal == "w2b" and t.dim() == 4 and "t2" not in internal:
+    if algo == "lokr" and internal == "w2b" and t.dim() == 4:  # functional.lokr.weight_gen writes (r, d, k, k)
         return t.reshape(t.shape[0], -1)
     if algo in ("loha", "lokr") and internal == "w2" and not spec.is_conv and t.dim() == 4:
         return t[:, :, 0, 0]

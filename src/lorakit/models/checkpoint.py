@@ -87,10 +87,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if suffix != ".safetensors":
         raise CheckpointError(path, f"unsupported file type {suffix!r}: give a .safetensors single file, a .ckpt "
                                     "(read weights-only) or a diffusers folder")
-    try:
-        read_header(path)  # truncation and malformed headers fail here, naming the file
-    except LoraFileError as e:
-        raise CheckpointError(path, e.detail, e.key) from None
+    _checked_header(path)
     from safetensors.torch import load_file
 
     return load_file(str(path))
@@ -123,15 +120,19 @@ def load_single_file(path: str | os.PathLike, family: str | None = None, predict
     return BaseModel(pipe, family, prediction_type, str(path), notes)
 
 
+def _checked_header(path: Path) -> dict:
+    """The validated safetensors header; truncated or malformed files fail here, naming the file."""
+    try:
+        return read_header(path)[0]
+    except LoraFileError as e:
+        raise CheckpointError(path, e.detail, e.key) from None
+
+
 def _readable_source(path: Path, tmp: Path) -> tuple[Path, list[str]]:
     """(a .safetensors path diffusers may read, its keys). Headers are validated; a pickle is read weights-only
     and rewritten as safetensors, so diffusers never unpickles anything. Safetensors are not loaded here."""
     if path.suffix.lower() == ".safetensors":
-        try:
-            header, _, _ = read_header(path)
-        except LoraFileError as e:
-            raise CheckpointError(path, e.detail, e.key) from None
-        return path, list(header)
+        return path, list(_checked_header(path))
     state = read_checkpoint(path)
     source = tmp / "converted.safetensors"
     write_safetensors(source, {k: v.contiguous() for k, v in state.items()}, {})

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lorakit.models import shapes
+from lorakit.models import objectives, shapes
 from lorakit.models.tiny import SCHEDULER, build_components, load_pipeline, save_folder
 from lorakit.models.tokenizer import clip_tokenizer
 
@@ -62,9 +62,7 @@ def train_diffusion(unet, vae, text_encoder, steps: int, batch: int, seed: int, 
     rng = random.Random(seed)
     torch.manual_seed(seed)
     scenes = shapes.training_scenes(seed)
-    betas = torch.linspace(SCHEDULER["beta_start"] ** 0.5, SCHEDULER["beta_end"] ** 0.5, 1000) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    snr = alphas_cumprod / (1 - alphas_cumprod)
+    alphas_cumprod = objectives.sd_alphas_cumprod(1000, SCHEDULER["beta_start"], SCHEDULER["beta_end"])
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.03)
@@ -79,11 +77,10 @@ def train_diffusion(unet, vae, text_encoder, steps: int, batch: int, seed: int, 
             latents = vae.encode(torch.from_numpy(images)).latent_dist.sample() * vae.config.scaling_factor
         t = torch.randint(0, 1000, (batch,))
         noise = torch.randn_like(latents)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        noisy = objectives.add_noise(latents, noise, alphas_cumprod, t)
         pred = unet(noisy, t, encode_prompts(text_encoder, captions)).sample
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
+        weight = objectives.min_snr_weight(alphas_cumprod, t, 5.0, v_prediction=False)
+        loss = objectives.weighted_mse(pred, noise, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

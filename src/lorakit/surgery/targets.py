@@ -84,10 +84,15 @@ def _walk(root: nn.Module, classes: tuple[str, ...]):
 
 def _te_block(path: str, prefix: str) -> str:
     parts = path.split(".")
-    layer = parts[parts.index("layers") + 1] if "layers" in parts else "?"
-    label = prefix[len("lora_"):].upper()  # TE, TE1, TE2
-    label = label if label == "TE" else label + "_"
-    return f"{label}{int(layer):02d}" if layer.isdigit() else label.rstrip("_")
+    return te_block_label(prefix[len("lora_"):], parts[parts.index("layers") + 1] if "layers" in parts else "")
+
+
+def te_block_label(component: str, layer: str) -> str:
+    """TE00.. for a single text encoder, TE1_00.. / TE2_00.. for SDXL's two; the component name without a layer."""
+    label = component.upper()
+    if not layer.isdigit():
+        return label
+    return f"{label}{int(layer):02d}" if label == "TE" else f"{label}_{int(layer):02d}"
 
 
 def all_named_layers(unet: nn.Module | None, text_encoders: list[nn.Module]) -> dict[str, tuple[str, nn.Module, str]]:

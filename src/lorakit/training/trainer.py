@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from lorakit.formats.files import save_network
 from lorakit.models.checkpoint import BaseModel, load_base_model
 from lorakit.surgery.network import LoraNetwork, create_network
-from lorakit.training import objectives as obj
+from lorakit.models import objectives as obj
 from lorakit.training.captions import process_caption
 from lorakit.training.config import ConfigError, TrainConfig
 from lorakit.training.data import LatentCache, batches_per_epoch, epoch_batches
