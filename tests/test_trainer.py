@@ -1,44 +1,14 @@
 """`lorakit train` end to end on a tiny model folder: files, metadata, conv keys, NaN stop."""
 import json
-import random
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lorakit.cli import main
 from lorakit.formats.safetensors_io import read_safetensors
-from lorakit.models import shapes
-from lorakit.models.tiny import build_components, save_folder
-from lorakit.training.config import build_config
 from lorakit.training.trainer import Trainer, TrainingStopped
 
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    import torch
-
-    return save_folder(tmp_path_factory.mktemp("base") / "tiny-sd", *build_components(0), dtype=torch.float32)
-
-
-@pytest.fixture
-def images(tmp_path):
-    folder = tmp_path / "data" / "3_red shape"
-    folder.mkdir(parents=True)
-    rng = random.Random(0)
-    for i in range(4):
-        scene = rng.choice([s for s in shapes.all_scenes() if s.colour == "red"])
-        Image.fromarray(shapes.render(scene, rng)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(scene.caption)
-    return tmp_path / "data"
-
-
-def config(tiny_folder, images, tmp_path, **kw):
-    values = dict(pretrained_model_name_or_path=str(tiny_folder), train_data_dir=str(images), resolution=64,
-                  train_batch_size=2, max_train_steps=4, network_dim=4, network_alpha=2, learning_rate=1e-3,
-                  output_dir=str(tmp_path / "out"), output_name="t", seed=1)
-    values.update(kw)
-    return build_config({k: v for k, v in values.items() if v is not None})
+from conftest import train_config as config
 
 
 @pytest.mark.parametrize("conv_dim", [0, 4])

@@ -11,12 +11,13 @@ import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from lorakit.formats.atomic import atomic_write
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -122,20 +123,7 @@ def file_data_hash(path: str | os.PathLike) -> str:
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write to a temp file in the same folder, fsync, then rename: a crash or full disk never leaves a
     half-written file, and an existing file stays intact until the new one is complete."""
-    path = Path(path)
     bad = [k for k, v in metadata.items() if not isinstance(v, str)]
     if bad:
         raise TypeError(f"metadata values must be strings: {bad}")
-    blob = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, st_save({k: v.contiguous() for k, v in tensors.items()}, metadata))

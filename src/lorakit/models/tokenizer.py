@@ -10,10 +10,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+
+from lorakit.formats.atomic import atomic_write
 
 VOCAB_GZ = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48,894 merges of the file
@@ -58,7 +59,7 @@ def tokenizer_files(folder: str | os.PathLike | None = None) -> Path:
                        ("tokenizer_config.json", json.dumps(config, indent=2)),
                        ("special_tokens_map.json", json.dumps(special, indent=2)),
                        ("vocab.json", json.dumps(vocab, ensure_ascii=False))]:  # vocab last: marks completion
-        _write_atomic(folder / name, text)
+        atomic_write(folder / name, text)
     return folder
 
 
@@ -74,10 +75,3 @@ def _cache_dir() -> Path:
     if os.environ.get("LORAKIT_CACHE"):
         return Path(os.environ["LORAKIT_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

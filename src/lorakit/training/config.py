@@ -89,6 +89,9 @@ class TrainConfig:
     save_precision: str = opt("fp16", "dtype of saved tensors", choices=("float", "fp16", "bf16"))
     sample_every_n_epochs: int | None = opt(None, "render samples every N epochs", lo=1)
     sample_prompts: str | None = opt(None, "prompt file (kohya syntax: --n --w --h --d --l --s)")
+    logging_dir: str | None = opt(None, "TensorBoard log folder: loss, LR, per-block dW norms (attention vs conv)")
+    save_state: bool = opt(False, "also save the training state with every epoch file (for --resume)")
+    resume: str | None = opt(None, "continue from a `<output_name>-state` folder (same losses as an unbroken run)")
 
     def network_config(self) -> NetworkConfig:
         algo = "lora" if self.algo == "locon" else self.algo

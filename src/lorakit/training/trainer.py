@@ -2,99 +2,80 @@
 
     result = train(load_config("train.toml"))
 
-Everything that can be wrong (config, dataset, base model, block lists) is checked before the first step.
-Files are written atomically with full metadata; a NaN/inf loss stops the run and keeps the last good file.
+Everything that can be wrong (config, dataset, base model, block lists, sample prompts) is checked before
+the first step. Every random draw comes from (seed, epoch) or (seed, micro-batch index, process), so an
+interrupted run resumed with `--resume` gives the same losses as an unbroken one. Files are written
+atomically with full metadata; a NaN/inf loss stops the run and keeps the last good file; SIGINT/SIGTERM
+save the state and the current LoRA, then stop.
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from lorakit.formats.files import save_network
-from lorakit.models.checkpoint import BaseModel, load_base_model
-from lorakit.surgery.network import LoraNetwork, create_network
 from lorakit.models import objectives as obj
+from lorakit.surgery.network import LoraNetwork, create_network
 from lorakit.training.captions import process_caption
-from lorakit.training.config import ConfigError, TrainConfig
+from lorakit.training.config import TrainConfig
 from lorakit.training.data import LatentCache, batches_per_epoch, epoch_batches
-from lorakit.training.dataset import DatasetReport, load_specs, scan
+from lorakit.training.distributed import Processes
+from lorakit.training.monitor import Monitor
 from lorakit.training.optim import make_optimizer, make_scheduler
+from lorakit.training.outputs import StopRequest, TrainingInterrupted, TrainingStopped, save_lora
+from lorakit.training.prepare import encode_text, prepare_base, prepare_dataset, prepare_samples
+from lorakit.training.sampling import render_samples
+from lorakit.training.state import Progress, load_state, save_state
 
-
-class TrainingStopped(RuntimeError):
-    """The run stopped early (NaN/inf loss); the message says where and which file is the last good one."""
+__all__ = ["Trainer", "TrainResult", "TrainingStopped", "TrainingInterrupted", "train"]
 
 
 @dataclass
 class TrainResult:
     files: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
 
 
-def prepare_dataset(config: TrainConfig) -> tuple[list, DatasetReport]:
-    source = config.dataset_config or config.train_data_dir
-    if not source:
-        raise ConfigError("set train_data_dir (a folder of `N_name` subfolders) or dataset_config (a TOML)")
-    specs, notes = load_specs(source, config.caption_extension, config.resolution)
-    if config.dataset_config is None:
-        for spec in specs:
-            spec.batch_size = config.train_batch_size
-    report = scan(specs)
-    report.notes[:0] = notes
-    if not report.items:
-        raise ConfigError(f"{source}: no usable images ({len(report.problems)} problem(s)): "
-                          + "; ".join(report.problems[:3]))
-    return specs, report
-
-
-def prepare_base(config: TrainConfig) -> BaseModel:
-    base = load_base_model(config.pretrained_model_name_or_path,
-                           prediction_type="v_prediction" if config.v_parameterization else None)
-    if base.family == "sdxl":
-        raise ConfigError("SDXL training is not implemented yet (SD1.x/SD2.x are); the adapter core and files "
-                          "support SDXL already")
-    return base
-
-
-def encode_text(text_encoder, tokenizer, captions: list[str], clip_skip: int) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
-    if clip_skip <= 1:
-        return text_encoder(ids).last_hidden_state
-    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    final_norm = getattr(text_encoder, "final_layer_norm", None) or text_encoder.text_model.final_layer_norm
-    return final_norm(hidden)
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from the run seed and a position (epoch, micro-batch, process): order-independent draws."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, device: str | torch.device = "cpu"):
-        self.config, self.device = config, torch.device(device)
+    def __init__(self, config: TrainConfig, device: str | torch.device | None = None):
+        self.config = config
         self.specs, self.report = prepare_dataset(config)  # cheap checks first
+        self.prompts = prepare_samples(config)
+        self.procs = Processes(device)
+        self.device = self.procs.device
         self.base = prepare_base(config)
         pipe = self.base.pipeline
+        pipe.set_progress_bar_config(disable=True)
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False).to(self.device)
         self.network: LoraNetwork = create_network(self.unet, [self.text_encoder], config.network_config(),
                                                    seed=config.seed)
+        self.network.to(self.device)
         self.train_text = any(i.component != "unet" for i in self.network.info.values()) and \
             (config.text_encoder_lr is None or config.text_encoder_lr > 0)
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(self.device)
         self._text_cache: dict[str, torch.Tensor] = {}
+        self.out = Path(config.output_dir)
 
     # ---- steps ------------------------------------------------------------------------------
     def total_steps(self) -> int:
-        # an optimizer step needs a full group of micro-batches; a partial group at the epoch's end carries over
-        per_epoch = max(1, batches_per_epoch(self.report.items, self.specs[0].batch_size)
-                        // self.config.gradient_accumulation_steps)
+        # one optimizer step = gradient_accumulation_steps micro-batches on each process
+        micro = batches_per_epoch(self.report.items, self.specs[0].batch_size) // self.procs.world
+        per_epoch = max(1, micro // self.config.gradient_accumulation_steps)
         if self.config.max_train_epochs:
             return per_epoch * self.config.max_train_epochs
         return self.config.max_train_steps
@@ -124,80 +105,146 @@ class Trainer:
         target = obj.target(latents, noise, self.alphas_cumprod, t, self.base.prediction_type == "v_prediction")
         return obj.weighted_mse(pred, target, weights)
 
+    def micro_batch(self, cache: LatentCache, batch: list[int], micro: int) -> torch.Tensor:
+        """Loss of one micro-batch; its flips, caption shuffles, noise, timesteps and dropout masks all come
+        from (seed, micro, process), never from earlier draws."""
+        cfg, items = self.config, self.report.items
+        seed = derived_seed(cfg.seed, "micro", micro, self.procs.rank)
+        rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # adapter dropout draws from the global generator
+        latents = torch.stack([cache.flipped[j] if cache.flipped[j] is not None and rng.random() < 0.5
+                               else cache.latents[j] for j in batch]).to(self.device)
+        captions = [process_caption(items[j].caption, rng, items[j].subset.shuffle_caption,
+                                    items[j].subset.keep_tokens, items[j].subset.caption_dropout_rate)
+                    for j in batch]
+        return self.loss(latents, captions, gen)
+
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        batches = epoch_batches(self.report.items, self.specs[0].batch_size,
+                                random.Random(derived_seed(self.config.seed, "epoch", epoch)))
+        return self.procs.shard(batches)
+
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        cfg, result, start = self.config, TrainResult(), time.time()
-        torch.manual_seed(cfg.seed)
-        rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
-        with tqdm(total=len(self.report.items), desc="caching latents", unit="img", leave=False) as bar:
+        cfg, start = self.config, time.time()
+        with tqdm(total=len(self.report.items), desc="caching latents", unit="img", leave=False,
+                  disable=not self.procs.is_main) as bar:
             cache = LatentCache.build(self.report.items, self.vae, progress=bar.update)
         total = self.total_steps()
         optimizer = make_optimizer(cfg.optimizer_type, self.network.param_groups(
             cfg.unet_lr, cfg.text_encoder_lr, cfg.learning_rate), cfg.learning_rate, self.device)
         scheduler = make_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total)
+        progress = Progress()
+        if cfg.resume:
+            progress = load_state(cfg.resume, self.network, optimizer, scheduler, asdict(cfg))
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train(), self.network.train()
-        bar, epoch = tqdm(total=total, desc="training", unit="step"), 0
-        while result.steps < total:
-            epoch += 1
-            for loss in self._epoch(epoch, cache, optimizer, scheduler, rng, gen, result, total):
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
-            if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and result.steps < total:
-                result.files.append(self.save(f"{cfg.output_name}-{epoch:06d}", epoch, result.steps, start))
-        bar.close()
-        result.files.append(self.save(cfg.output_name, epoch, result.steps, start))
+        monitor = Monitor(self.out / f"{cfg.output_name}-history.json", cfg.logging_dir if self.procs.is_main
+                          else None, resume_step=progress.step) if self.procs.is_main else None
+        result = TrainResult(losses=list(progress.losses), steps=progress.step)
+        self.run_state = (optimizer, scheduler, progress, monitor, result, start)
+        with StopRequest() as stop, tqdm(total=total, initial=progress.step, desc="training", unit="step",
+                                         disable=not self.procs.is_main) as bar:
+            while progress.step < total:
+                self._epoch(cache, total, stop, bar)
+        result.files.append(self.save(cfg.output_name, progress))
+        if self.prompts:
+            self.sample(f"{cfg.output_name}_e{progress.epoch:06d}", progress)
+        self.procs.check_in_sync(list(self.network.parameters()))
+        if monitor:
+            monitor.close()
         result.seconds = time.time() - start
         return result
 
-    def _epoch(self, epoch, cache, optimizer, scheduler, rng, gen, result, total):
-        cfg, items = self.config, self.report.items
+    def _epoch(self, cache: LatentCache, total: int, stop: StopRequest, bar) -> None:
+        cfg = self.config
+        optimizer, scheduler, progress, monitor, result, _ = self.run_state
         accumulate = cfg.gradient_accumulation_steps
-        for i, batch in enumerate(epoch_batches(items, self.specs[0].batch_size, rng)):
-            latents = torch.stack([cache.flipped[j] if cache.flipped[j] is not None and rng.random() < 0.5
-                                   else cache.latents[j] for j in batch]).to(self.device)
-            captions = [process_caption(items[j].caption, rng, items[j].subset.shuffle_caption,
-                                        items[j].subset.keep_tokens, items[j].subset.caption_dropout_rate)
-                        for j in batch]
-            loss = self.loss(latents, captions, gen)
-            if not torch.isfinite(loss):
-                last = Path(cfg.output_dir) / f"{cfg.output_name}-*.safetensors"
-                raise TrainingStopped(f"loss became {float(loss.detach())} at step {result.steps + 1} (epoch {epoch}); "
-                                      f"stopped without saving it. Last good files: {last}. Lower the learning "
-                                      "rate or use mixed_precision bf16 instead of fp16")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        plan, group_losses = self.epoch_plan(progress.epoch), []
+        while progress.batch < len(plan):
+            loss = self.micro_batch(cache, plan[progress.batch], progress.micro)
+            value = self.procs.mean(float(loss.detach()))
+            if not torch.isfinite(torch.tensor(value)):
+                raise TrainingStopped(f"loss became {value} at step {progress.step + 1} (epoch {progress.epoch}); "
+                                      f"stopped without saving it. Last good files: {self.out}/"
+                                      f"{cfg.output_name}-*.safetensors. Lower the learning rate or use "
+                                      "mixed_precision bf16 instead of fp16")
             (loss / accumulate).backward()
-            if (i + 1) % accumulate:
+            group_losses.append(value)
+            progress.batch, progress.micro = progress.batch + 1, progress.micro + 1
+            if progress.micro % accumulate:
                 continue
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
+            self.procs.average_gradients(params)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            result.steps += 1
-            result.losses.append(float(loss.detach()))
-            yield result.losses[-1]
-            if result.steps >= total:
-                return
+            progress.step += 1
+            progress.losses.append(sum(group_losses) / len(group_losses))
+            group_losses = []
+            result.steps, result.losses = progress.step, progress.losses
+            bar.update(1)
+            bar.set_postfix(loss=f"{progress.losses[-1]:.4f}", epoch=progress.epoch)
+            if monitor:
+                monitor.step(progress.step, progress.epoch, progress.losses[-1],
+                             {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)})
+            if self.procs.any(stop.requested):
+                self.interrupt(progress, stop.signal_name)
+            if progress.step >= total:
+                return self.end_of_epoch(progress, total)  # logs the final norms; the final save follows
+        self.end_of_epoch(progress, total)
+        progress.epoch, progress.batch = progress.epoch + 1, 0
 
-    def save(self, stem: str, epoch: int, steps: int, start: float) -> Path:
-        cfg = self.config
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.save_precision)
-        meta = {"ss_epoch": str(epoch), "ss_steps": str(steps), "ss_learning_rate": str(cfg.learning_rate),
-                "ss_unet_lr": str(cfg.unet_lr), "ss_text_encoder_lr": str(cfg.text_encoder_lr),
-                "ss_optimizer": cfg.optimizer_type, "ss_lr_scheduler": cfg.lr_scheduler,
-                "ss_num_train_images": str(self.report.num_train_images), "ss_seed": str(cfg.seed),
-                "ss_resolution": f"({cfg.resolution}, {cfg.resolution})", "ss_clip_skip": str(cfg.clip_skip),
-                "ss_noise_offset": str(cfg.noise_offset), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
-                "ss_mixed_precision": cfg.mixed_precision, "ss_training_started_at": str(start),
-                "ss_sd_model_name": Path(self.base.source).name, "ss_max_train_steps": str(self.total_steps()),
-                "ss_tag_frequency": json.dumps({k: dict(v) for k, v in self.report.tag_frequency.items()}),
-                "ss_dataset_dirs": json.dumps({Path(s.image_dir).name: {
-                    "n_repeats": s.num_repeats, "img_count": sum(1 for i in self.report.items if i.subset is s)}
-                    for spec in self.specs for s in spec.subsets})}
-        path = Path(cfg.output_dir) / f"{stem}.safetensors"
-        return save_network(self.network, path, dtype=dtype, title=stem, metadata=meta,
-                            v_prediction=self.base.prediction_type == "v_prediction")
+    def end_of_epoch(self, progress: Progress, total: int) -> None:
+        cfg, (optimizer, scheduler, _, monitor, result, _) = self.config, self.run_state
+        if monitor:
+            monitor.norms(progress.step, progress.epoch, self.network.delta_norms())
+        if progress.step >= total:
+            return  # the final save follows
+        if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0:
+            result.files.append(self.save(f"{cfg.output_name}-{progress.epoch:06d}", progress))
+            if cfg.save_state and self.procs.is_main:
+                done = Progress(progress.step, progress.epoch + 1, 0, progress.micro, list(progress.losses))
+                save_state(self.state_dir, self.network, optimizer, scheduler, done, asdict(cfg))
+        if self.prompts and cfg.sample_every_n_epochs and progress.epoch % cfg.sample_every_n_epochs == 0:
+            self.sample(f"{cfg.output_name}_e{progress.epoch:06d}", progress)
+        if monitor:
+            monitor.flush()
+
+    # ---- outputs ----------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return self.out / f"{self.config.output_name}-state"
+
+    def save(self, stem: str, progress: Progress) -> Path:
+        path = self.out / f"{stem}.safetensors"
+        if self.procs.is_main:
+            save_lora(self, path, progress)
+        self.procs.barrier()
+        return path
+
+    def sample(self, stem: str, progress: Progress) -> None:
+        if self.procs.is_main:
+            paths = render_samples(self.base.pipeline, self.network, self.prompts, self.out / "sample", stem)
+            self.run_state[4].samples.extend(paths)
+            if self.run_state[3]:
+                self.run_state[3].samples(progress.step, progress.epoch, paths)
+        self.procs.barrier()
+
+    def interrupt(self, progress: Progress, signal_name: str) -> None:
+        optimizer, scheduler, _, monitor, _, _ = self.run_state
+        stem = f"{self.config.output_name}-step{progress.step:06d}"
+        path = self.save(stem, progress)
+        if self.procs.is_main:
+            save_state(self.state_dir, self.network, optimizer, scheduler, progress, asdict(self.config))
+            if monitor:
+                monitor.close()
+        raise TrainingInterrupted(f"{signal_name}: stopped after step {progress.step}; saved {path} and the "
+                                  f"training state in {self.state_dir}. Continue with: lorakit train CONFIG "
+                                  f"--resume {self.state_dir}", path, self.state_dir)
 
 
-def train(config: TrainConfig, device: str | torch.device = "cpu") -> TrainResult:
+def train(config: TrainConfig, device: str | torch.device | None = None) -> TrainResult:
     return Trainer(config, device).run()

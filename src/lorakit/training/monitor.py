@@ -1,0 +1,56 @@
+"""What a run reports while it trains: TensorBoard scalars and a JSON history beside the LoRA files.
+
+TensorBoard (when `logging_dir` is set): loss, learning rate per group, and per block the norm of ΔW split
+into attention/linear and conv layers (`dW_attention/IN04`, `dW_conv/OUT03`), the numbers that say which
+part learns and which bakes in. The history file (`{output_name}-history.json`) keeps the same numbers for
+lorakit's own report and diagnostics; it is rewritten atomically at each epoch end.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lorakit.formats.atomic import atomic_write
+
+
+class Monitor:
+    def __init__(self, history_path: str | Path, logging_dir: str | Path | None = None, resume_step: int = 0):
+        self.path = Path(history_path)
+        self.history = {"steps": [], "norms": [], "samples": []}
+        if resume_step and self.path.is_file():  # keep what happened before the interruption, drop the rest
+            old = json.loads(self.path.read_text())
+            self.history = {key: [e for e in old.get(key, []) if e["step"] <= resume_step] for key in self.history}
+        self.writer = None
+        if logging_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(logging_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def step(self, step: int, epoch: int, loss: float, lrs: dict[str, float]) -> None:
+        self.history["steps"].append({"step": step, "epoch": epoch, "loss": loss, "lr": lrs})
+        if self.writer:
+            self.writer.add_scalar("loss/current", loss, step)
+            for name, lr in lrs.items():
+                self.writer.add_scalar(f"lr/{name}", lr, step)
+
+    def norms(self, step: int, epoch: int, norms: dict[str, dict[str, float]]) -> None:
+        """norms: block -> {"linear": ‖ΔW‖, "conv": ‖ΔW‖} (LoraNetwork.delta_norms)."""
+        self.history["norms"].append({"step": step, "epoch": epoch, "blocks": norms})
+        if self.writer:
+            for block, parts in norms.items():
+                self.writer.add_scalar(f"dW_attention/{block}", parts["linear"], step)
+                if parts["conv"]:
+                    self.writer.add_scalar(f"dW_conv/{block}", parts["conv"], step)
+
+    def samples(self, step: int, epoch: int, paths: list[Path]) -> None:
+        self.history["samples"].append({"step": step, "epoch": epoch, "files": [p.name for p in paths]})
+
+    def flush(self) -> None:
+        atomic_write(self.path, json.dumps(self.history, indent=1))
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer:
+            self.writer.close()
