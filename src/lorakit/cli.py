@@ -36,13 +36,21 @@ def _cmd_check_dataset(args) -> int:
 
 def _cmd_train(args, extra: list[str]) -> int:
     from lorakit.training.config import load_config, parse_overrides
-    from lorakit.training.trainer import train
+    from lorakit.training.trainer import TrainingInterrupted, TrainingStopped, train
 
     config = load_config(args.config, parse_overrides(extra))
-    result = train(config)
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s; final loss {result.losses[-1]:.4f}")
-    for path in result.files:
-        print(f"saved {path}")
+    try:
+        result = train(config)
+    except TrainingInterrupted as e:
+        print(f"lorakit train: {e}", file=sys.stderr)
+        return 130
+    except TrainingStopped as e:
+        print(f"lorakit train: stopped: {e}", file=sys.stderr)
+        return 1
+    if result.is_main:  # under `accelerate launch` every process returns here; one reports
+        print(f"trained {result.steps} steps in {result.seconds:.0f} s; final loss {result.losses[-1]:.4f}")
+        for path in result.files + result.samples:
+            print(f"saved {path}")
     return 0
 
 

@@ -16,7 +16,8 @@ class Processes:
     def __init__(self, device: str | torch.device | None = None):
         from accelerate import PartialState
 
-        self.state = PartialState(cpu=str(device) == "cpu") if device is not None else PartialState()
+        on_cpu = str(device) == "cpu" if device is not None else not torch.cuda.is_available()
+        self.state = PartialState(cpu=on_cpu)  # cpu=True is what makes accelerate set up gloo without GPUs
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.device = torch.device(device) if device is not None else self.state.device
         self.is_main = self.state.is_main_process

@@ -42,6 +42,7 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    is_main: bool = True  # False on the other processes of a multi-process run
 
 
 def derived_seed(*parts) -> int:
@@ -142,7 +143,7 @@ class Trainer:
         self.unet.train(), self.network.train()
         monitor = Monitor(self.out / f"{cfg.output_name}-history.json", cfg.logging_dir if self.procs.is_main
                           else None, resume_step=progress.step) if self.procs.is_main else None
-        result = TrainResult(losses=list(progress.losses), steps=progress.step)
+        result = TrainResult(losses=list(progress.losses), steps=progress.step, is_main=self.procs.is_main)
         self.run_state = (optimizer, scheduler, progress, monitor, result, start)
         with StopRequest() as stop, tqdm(total=total, initial=progress.step, desc="training", unit="step",
                                          disable=not self.procs.is_main) as bar:
