@@ -16,8 +16,9 @@ LAYERS = [
     ("lorakit.models", 5),  # base models: configs, checkpoints (uses the validated file I/O), the tiny model
     ("lorakit.inspect_file", 5),
     ("lorakit.training", 6),
-    ("lorakit.demo", 7),
-    ("lorakit.cli", 8),
+    ("lorakit.evaluation", 7),  # grids, metrics, diagnostics, sweeps, reports
+    ("lorakit.demo", 8),
+    ("lorakit.cli", 9),
 ]
 
 

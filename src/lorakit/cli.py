@@ -20,7 +20,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_demo(args) -> int:
     from lorakit.demo import run_demo
 
-    run_demo(args.output, steps=args.steps)
+    run_demo(args.output, epochs=args.epochs, seeds=args.seeds)
     return 0
 
 
@@ -54,6 +54,74 @@ def _cmd_train(args, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_grid(args) -> int:
+    from lorakit.evaluation.grid import Axis, Cell, GridSpec, Renderer, render_grid, with_baseline
+
+    cell = Cell(prompt=args.prompt, seed=args.seed, steps=args.steps, cfg=args.cfg, multiplier=args.multiplier,
+                negative=args.negative, width=args.size, height=args.size,
+                lora=args.lora[0] if len(args.lora) == 1 else "none")
+    axes = [Axis.parse(a) if a else None for a in (args.x, args.y, args.z)]
+    if len(args.lora) > 1 and not any(a and a.name == "lora" for a in axes):
+        axes[axes.index(None) if None in axes else 2] = Axis("lora", args.lora)
+    if not args.no_baseline:
+        axes = [with_baseline(a) if a else None for a in axes]
+    if axes[0] is None:
+        raise ValueError("grid needs --x AXIS=v1,v2 (axes: lora, multiplier, seed, prompt, steps, cfg)")
+    spec = GridSpec(cell, x=axes[0], y=axes[1], z=axes[2])
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(spec.cells()), desc="grid", unit="image") as bar:
+        meta = render_grid(Renderer(args.base), spec, args.out, progress=bar.update)
+    print(f"wrote {', '.join(args.out + '/' + p for p in meta['pages'])}, {len(meta['cells'])} cells in "
+          f"{args.out}/cells, {args.out}/grid.json")
+    return 0
+
+
+def _cmd_sweep(args, extra: list[str]) -> int:
+    from lorakit.evaluation.runs import EvalPlan
+    from lorakit.evaluation.sweep import parse_axis, run_sweep
+    from lorakit.training.config import parse_overrides, read_config_values
+
+    base = read_config_values(args.config) if args.config else {}
+    base.update(parse_overrides(extra))
+    plan = EvalPlan(prompts=args.prompt, unrelated=args.unrelated, seeds=list(range(args.seeds)),
+                    steps=args.steps, size=int(base.get("resolution", 64)))
+    summary = run_sweep(base, [parse_axis(a) for a in args.axis], args.out, plan)
+    for e in summary["evaluations"]:
+        kinds = ", ".join(v["kind"] for v in e["verdicts"][e["best_epoch"]])
+        print(f"{e['name']}: best epoch {e['best_epoch']} ({kinds})")
+    print(f"report: {summary['report']}")
+    return 0
+
+
+def add_evaluation_commands(sub) -> None:
+    p = sub.add_parser("grid", help="X/Y/Z image grid from fixed prompts and seeds (PNG + cells + JSON)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--lora", nargs="*", default=[], help="LoRA file(s); several make a lora axis")
+    p.add_argument("--x", help="axis: name=v1,v2 (lora, multiplier, seed, prompt, steps, cfg); prompts: v1|v2")
+    p.add_argument("--y", help="second axis")
+    p.add_argument("--z", help="third axis: one page per value")
+    p.add_argument("--base", help="base model (default: the embedded tiny model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--multiplier", type=float, default=1.0)
+    p.add_argument("--negative", default="")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--no-baseline", action="store_true", help="no no-LoRA row/column on a lora axis")
+    p.add_argument("--out", default="grid")
+    p.set_defaults(func=_cmd_grid)
+    p = sub.add_parser("sweep", help="train every combination of --axis values, then grid, metrics, report")
+    p.add_argument("config", nargs="?", help="training TOML (as for `lorakit train`)")
+    p.add_argument("--axis", action="append", required=True, help="key=v1,v2 (conv_alpha: numbers, half, equal)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt in the trained concept/style")
+    p.add_argument("--unrelated", action="append", default=[], help="prompt the LoRA should leave alone")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", default="sweep")
+    p.set_defaults(func=_cmd_sweep, takes_extra=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA / LoCon / LoHa / LoKr for Stable Diffusion")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,10 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-extension", default=".txt")
     p.add_argument("--resolution", type=int, default=512)
     p.set_defaults(func=_cmd_check_dataset)
-    p = sub.add_parser("demo", help="smallest end-to-end run: LoCon on a tiny SD model, train, save, inspect")
+    p = sub.add_parser("demo", help="the main job on the embedded tiny model: attention-only LoRA vs LoCon on a "
+                                    "new style, grids, metrics, verdicts, HTML report")
     p.add_argument("--output", default="lorakit-demo", help="folder for the demo's files")
-    p.add_argument("--steps", type=int, default=30, help="training steps")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per variant (10 steps each)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt in the evaluation")
     p.set_defaults(func=_cmd_demo)
+    add_evaluation_commands(sub)
     return parser
 
 

@@ -15,26 +15,61 @@ from PIL import Image
 
 from lorakit.models import shapes
 
-STRIPE_PERIOD = 8
 STRIPE_DARKEN = 0.45
 
 
-def stripe_bands(height: int, width: int, period: int = STRIPE_PERIOD) -> np.ndarray:
-    """(H, W) bool: the diagonal bands the striped style darkens."""
-    yy, xx = np.mgrid[0:height, 0:width]
-    return ((xx + yy) // (period // 2)) % 2 == 1
+def stripe_bands(height: int, width: int) -> np.ndarray:
+    """(H, W) bool: the diagonal bands (period 8 px) the striped style darkens."""
+    return texture_mask("diagonal", height, width)
 
 
-def striped(image: np.ndarray, period: int = STRIPE_PERIOD) -> np.ndarray:
+def striped(image: np.ndarray) -> np.ndarray:
     out = image.astype(np.float32)
-    out[stripe_bands(*image.shape[:2], period)] *= STRIPE_DARKEN
+    out[stripe_bands(*image.shape[:2])] *= STRIPE_DARKEN
     return out.astype(np.uint8)
 
 
-def stripe_score(image: np.ndarray, period: int = STRIPE_PERIOD) -> float:
+def texture_mask(kind: str, height: int, width: int, phase: int = 0) -> np.ndarray:
+    """(H, W) bool masks of the textures the VAE learns to reproduce (so LoRA styles can be rendered)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    if kind == "diagonal":
+        return ((xx + yy + phase) // 4) % 2 == 1
+    if kind == "antidiagonal":
+        return ((xx - yy + phase + 4 * width) // 4) % 2 == 1
+    if kind == "horizontal":
+        return ((yy + phase) // 2) % 2 == 1
+    if kind == "vertical":
+        return ((xx + phase) // 2) % 2 == 1
+    if kind == "checker":
+        return (((xx + phase) // 4) + ((yy + phase) // 4)) % 2 == 1
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+TEXTURES = ("diagonal", "antidiagonal", "horizontal", "vertical", "checker")
+
+
+def textured(image: np.ndarray, rng: random.Random) -> np.ndarray:
+    """A random texture (kind, phase, strength) over the image: VAE training data, never diffusion data."""
+    out = image.astype(np.float32)
+    mask = texture_mask(rng.choice(TEXTURES), *image.shape[:2], phase=rng.randrange(8))
+    out[mask] *= rng.uniform(0.3, 0.7)
+    return out.astype(np.uint8)
+
+
+def vae_batch(batch: int, rng: random.Random, textured_share: float = 0.5) -> np.ndarray:
+    """(batch, 3, H, W) float32 in [-1, 1]: shapes scenes, about half of them textured."""
+    scenes = shapes.all_scenes()
+    images = []
+    for _ in range(batch):
+        image = shapes.render(rng.choice(scenes), rng)
+        images.append(textured(image, rng) if rng.random() < textured_share else image)
+    return np.stack(images).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def stripe_score(image: np.ndarray) -> float:
     """(H, W, 3) uint8 -> how strongly the image carries the stripe pattern, in the pattern's own phase."""
     luma = image.astype(np.float32).mean(axis=2)
-    bands = stripe_bands(*luma.shape, period)
+    bands = stripe_bands(*luma.shape)
     return float((luma[~bands].mean() - luma[bands].mean()) / (luma.mean() + 1.0))
 
 

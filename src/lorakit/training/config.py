@@ -113,16 +113,18 @@ NETWORK_ARG_KEYS = ("algo", "conv_dim", "conv_alpha", "block_dims", "block_alpha
 def load_config(path: str | Path | None = None, overrides: dict[str, object] | None = None,
                 source: str = "") -> TrainConfig:
     """TOML file (flat, or in tables as kohya writes them) + overrides -> validated TrainConfig."""
-    raw: dict[str, object] = {}
     where = source or (str(path) if path else "<overrides>")
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read TOML ({e})") from None
-        raw = _flatten(data)
+    raw = read_config_values(path) if path is not None else {}
     raw.update(overrides or {})
     return build_config(raw, where)
+
+
+def read_config_values(path: str | Path) -> dict[str, object]:
+    """The raw key/values of a training TOML (kohya's tables flattened), not yet validated."""
+    try:
+        return _flatten(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read TOML ({e})") from None
 
 
 def _flatten(data: dict) -> dict:

@@ -1,0 +1,1 @@
+"""Judging a result: sample grids, sweeps, fit metrics and diagnostics, HTML reports."""

@@ -1,0 +1,200 @@
+"""X/Y(/Z) image grids from fixed prompts and seeds: every cell names what made it.
+
+    spec = GridSpec(x=Axis("multiplier", [0, 0.5, 1]), y=Axis("lora", ["none", "a.safetensors"]),
+                    prompt="a red circle ...", seed=1)
+    result = render_grid(Renderer(), spec, "out/grid")   # grid.png, cells/*.png, grid.json
+
+Axes: lora (files; "none" = the base model), multiplier, seed, prompt, steps, cfg. A Z axis gives one
+grid page per value. Images are generated one at a time from (prompt, seed) so a cell is identical to the
+same image generated alone.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from lorakit.formats.atomic import atomic_write
+from lorakit.formats.files import load_network_file
+from lorakit.models.checkpoint import load_base_model
+
+AXES = {"lora": str, "multiplier": float, "seed": int, "prompt": str, "steps": int, "cfg": float}
+
+
+class GridError(ValueError):
+    """A grid request that cannot be rendered; the message names the axis or value."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    prompt: str
+    seed: int = 0
+    lora: str = "none"
+    multiplier: float = 1.0
+    steps: int = 20
+    cfg: float = 5.0
+    negative: str = ""
+    width: int = 64
+    height: int = 64
+
+
+@dataclass
+class Axis:
+    name: str
+    values: list
+
+    def __post_init__(self):
+        if self.name not in AXES:
+            raise GridError(f"unknown grid axis {self.name!r}; choose from {sorted(AXES)}")
+        if not self.values:
+            raise GridError(f"grid axis {self.name!r} has no values")
+        try:
+            self.values = [AXES[self.name](v) for v in self.values]
+        except ValueError as e:
+            raise GridError(f"grid axis {self.name!r}: {e}") from None
+
+    @staticmethod
+    def parse(text: str) -> "Axis":
+        """`name=v1,v2,...` (prompts with commas: separate values with `|` instead)."""
+        name, eq, values = text.partition("=")
+        if not eq:
+            raise GridError(f"grid axis {text!r}: expected name=value1,value2")
+        sep = "|" if "|" in values else ","
+        return Axis(name.strip(), [v.strip() for v in values.split(sep) if v.strip()])
+
+    def label(self, value) -> str:
+        if self.name == "lora":
+            return "no LoRA" if value == "none" else Path(value).stem
+        return f"{self.name} {value}" if self.name != "prompt" else str(value)
+
+
+@dataclass
+class GridSpec:
+    cell: Cell
+    x: Axis
+    y: Axis | None = None
+    z: Axis | None = None
+
+    def cells(self) -> list[tuple[int, int, int, Cell]]:
+        axes = [self.z, self.y, self.x]
+        ranges = [range(len(a.values)) if a else range(1) for a in axes]
+        out = []
+        for k, j, i in itertools.product(*ranges):
+            cell = self.cell
+            for axis, index in zip(axes, (k, j, i)):
+                if axis:
+                    cell = replace(cell, **{axis.name: axis.values[index]})
+            out.append((i, j, k, cell))
+        return out
+
+
+class Renderer:
+    """The base pipeline plus at most one attached LoRA file, swapped as cells ask."""
+
+    def __init__(self, base_model: str | None = None, pipeline=None):
+        self.pipe = pipeline if pipeline is not None else load_base_model(base_model).pipeline
+        self.pipe.set_progress_bar_config(disable=True)
+        self.loaded: tuple[str, object] | None = None
+
+    def use(self, lora: str, multiplier: float) -> None:
+        if self.loaded and self.loaded[0] != lora:
+            self.loaded[1].restore()
+            self.loaded = None
+        if lora != "none" and self.loaded is None:
+            network, _ = load_network_file(lora, self.pipe.unet, [self.pipe.text_encoder])
+            self.loaded = (lora, network)
+        if self.loaded:
+            self.loaded[1].set_multiplier(multiplier)
+
+    @torch.no_grad()
+    def image(self, cell: Cell) -> np.ndarray:
+        self.use(cell.lora, cell.multiplier)
+        out = self.pipe(cell.prompt, negative_prompt=cell.negative or None, num_inference_steps=cell.steps,
+                        guidance_scale=cell.cfg, width=cell.width, height=cell.height, output_type="np",
+                        generator=torch.Generator().manual_seed(cell.seed)).images[0]
+        return (out * 255).round().astype(np.uint8)
+
+    def close(self) -> None:
+        if self.loaded:
+            self.loaded[1].restore()
+            self.loaded = None
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def compose(images: list[list[np.ndarray]], x_labels: list[str], y_labels: list[str] | None,
+            title: str = "", min_cell: int = 128) -> Image.Image:
+    """Rows of equally sized images -> one labelled sheet; small images are enlarged by whole factors so
+    pixels stay sharp and labels stay legible."""
+    h, w = images[0][0].shape[:2]
+    scale = max(1, -(-min_cell // max(h, w)))
+    cw, ch = w * scale, h * scale
+    font = ImageFont.load_default(size=14)
+    left = max((int(font.getlength(s)) for s in y_labels), default=0) + 16 if y_labels else 8
+    top = 28 + (24 if title else 0)
+    sheet = Image.new("RGB", (left + cw * len(images[0]) + 8, top + ch * len(images) + 8), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((8, 6), title, fill="black", font=font)
+    for i, label in enumerate(x_labels):
+        draw.text((left + i * cw + 4, top - 22), _fit(label, font, cw - 8), fill="black", font=font)
+    for j, row in enumerate(images):
+        if y_labels:
+            draw.text((8, top + j * ch + ch // 2 - 8), y_labels[j], fill="black", font=font)
+        for i, image in enumerate(row):
+            tile = Image.fromarray(image).resize((cw, ch), Image.NEAREST)
+            sheet.paste(tile, (left + i * cw, top + j * ch))
+    return sheet
+
+
+def _fit(text: str, font, width: int) -> str:
+    while text and font.getlength(text) > width:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    return text
+
+
+def render_grid(renderer: Renderer, spec: GridSpec, out_dir: str | Path, progress=None) -> dict:
+    """Render every cell, write grid.png (grid_z{k}.png per Z value), cells/*.png and grid.json."""
+    out = Path(out_dir)
+    cells, pages = [], []
+    z_count = len(spec.z.values) if spec.z else 1
+    rows = len(spec.y.values) if spec.y else 1
+    sheets = [[[None] * len(spec.x.values) for _ in range(rows)] for _ in range(z_count)]
+    for i, j, k, cell in spec.cells():
+        image = renderer.image(cell)
+        sheets[k][j][i] = image
+        name = f"cells/z{k}_y{j}_x{i}.png"
+        atomic_write(out / name, png_bytes(Image.fromarray(image)))
+        cells.append({"x": i, "y": j, "z": k, "file": name, **cell.__dict__})
+        if progress:
+            progress(1)
+    renderer.close()
+    for k, sheet in enumerate(sheets):
+        title = spec.z.label(spec.z.values[k]) if spec.z else spec.cell.prompt
+        page = compose(sheet, [spec.x.label(v) for v in spec.x.values],
+                       [spec.y.label(v) for v in spec.y.values] if spec.y else None, title)
+        name = "grid.png" if z_count == 1 else f"grid_z{k}.png"
+        atomic_write(out / name, png_bytes(page))
+        pages.append(name)
+    meta = {"axes": {a: {"name": getattr(spec, a).name, "values": getattr(spec, a).values}
+                     for a in ("x", "y", "z") if getattr(spec, a)},
+            "defaults": spec.cell.__dict__, "pages": pages, "cells": cells}
+    atomic_write(out / "grid.json", json.dumps(meta, indent=1))
+    return meta
+
+
+def with_baseline(axis: Axis) -> Axis:
+    """A LoRA axis gets a no-LoRA row first, unless it has one."""
+    if axis.name == "lora" and "none" not in axis.values:
+        return Axis("lora", ["none", *axis.values])
+    return axis

@@ -1,0 +1,116 @@
+"""`lorakit sweep CONFIG.toml --axis conv_dim=0,8,32 --axis conv_alpha=1,half,equal`: the brief's
+systematic experiment as one command.
+
+Every combination of the axes is trained one after another (each in its own folder, every epoch saved),
+then rendered with the same prompts and seeds, measured, diagnosed and reported. A finished variant
+leaves a `done.json`; an interrupted one its training state; running the same command again skips the
+first and resumes the second, so an interrupted sweep continues where it stopped.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.evaluation.runs import EvalPlan, RunEvaluation, epoch_files, evaluate_run, render_set, training_images
+from lorakit.evaluation.grid import Renderer
+from lorakit.formats.atomic import atomic_write
+from lorakit.training.config import FIELDS, ConfigError, build_config, did_you_mean
+from lorakit.training.trainer import Trainer
+
+RELATIVE_ALPHA = {"conv_alpha": "conv_dim", "network_alpha": "network_dim"}  # alpha axis -> its dim
+
+
+@dataclass
+class Variant:
+    name: str
+    settings: dict[str, object]
+
+
+def parse_axis(text: str) -> tuple[str, list[str]]:
+    key, eq, values = text.partition("=")
+    key = key.strip()
+    if not eq or not values.strip():
+        raise ConfigError(f"--axis {text!r}: expected key=value1,value2 (e.g. conv_dim=0,8,32)")
+    if key not in FIELDS:
+        raise ConfigError(f"--axis {key!r} is not a training setting{did_you_mean(key, FIELDS)}")
+    return key, [v.strip() for v in values.split(",") if v.strip()]
+
+
+def variants(base: dict, axes: list[tuple[str, list[str]]]) -> list[Variant]:
+    """Every combination; `half`/`equal` alphas resolve against the variant's dim; conv settings are
+    dropped where conv_dim is 0 (duplicates then collapse into one variant)."""
+    out, seen = [], set()
+    for combo in itertools.product(*[[(k, v) for v in values] for k, values in axes]):
+        settings = dict(combo)
+        for alpha, dim_key in RELATIVE_ALPHA.items():
+            word = str(settings.get(alpha, "")).lower()
+            if word in ("half", "equal"):
+                dim = float(settings.get(dim_key, base.get(dim_key, FIELDS[dim_key].default)) or 0)
+                settings[alpha] = dim / 2 if word == "half" else dim
+        if float(settings.get("conv_dim", base.get("conv_dim", 0)) or 0) == 0:
+            settings.pop("conv_alpha", None)
+        key = json.dumps(settings, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        name = "_".join(f"{k}-{_short(v)}" for k, v in settings.items()) or "base"
+        out.append(Variant(re.sub(r"[^A-Za-z0-9_.-]", "", name), settings))
+    return out
+
+
+def _short(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def train_variant(base: dict, variant: Variant, root: Path, device=None) -> Path:
+    """Train one variant unless it is done; resume it if it was interrupted. Returns its folder."""
+    folder = root / variant.name
+    if (folder / "done.json").is_file():
+        return folder
+    values = {**base, **variant.settings, "output_dir": str(folder), "output_name": variant.name,
+              "save_state": True}
+    values.setdefault("save_every_n_epochs", 1)
+    state = folder / f"{variant.name}-state"
+    if (state / "state.pt").is_file():
+        values["resume"] = str(state)
+    config = build_config(values, f"sweep variant {variant.name}")
+    result = Trainer(config, device).run()
+    summary = {"settings": variant.settings, "steps": result.steps, "seconds": result.seconds,
+               "final_loss": result.losses[-1], "files": [str(p) for p in result.files]}
+    atomic_write(folder / "done.json", json.dumps(summary, indent=1, default=str))
+    return folder
+
+
+def run_sweep(base: dict, axes: list[tuple[str, list[str]]], root: str | Path, plan: EvalPlan,
+              device=None) -> dict:
+    root = Path(root)
+    chosen = variants(base, axes)
+    for variant in chosen:  # build every config first: a bad combination fails before any training
+        build_config({**base, **variant.settings}, f"sweep variant {variant.name}")
+    for n, variant in enumerate(chosen, 1):
+        print(f"[sweep {n}/{len(chosen)}] {variant.name}", flush=True)
+        train_variant(base, variant, root, device)
+    return evaluate_sweep(base, chosen, root, plan)
+
+
+def evaluate_sweep(base: dict, chosen: list[Variant], root: Path, plan: EvalPlan,
+                   renderer: Renderer | None = None) -> dict:
+    from lorakit.evaluation.sweep_report import write_sweep_report
+
+    renderer = renderer or Renderer(base.get("pretrained_model_name_or_path"))
+    data_dir = base.get("train_data_dir")
+    data = training_images(data_dir, plan.size) if data_dir else []
+    base_set = render_set(renderer, plan, "none")
+    evaluations: list[RunEvaluation] = []
+    for variant in chosen:
+        files = epoch_files(root / variant.name, variant.name)
+        conv_dim = int(float(variant.settings.get("conv_dim", base.get("conv_dim", 0)) or 0))
+        evaluations.append(evaluate_run(renderer, files, plan, data, variant.name, conv_dim, base=base_set))
+    summary = {"variants": [v.__dict__ for v in chosen], "evaluations": [e.to_json() for e in evaluations],
+               "plan": plan.__dict__}
+    atomic_write(root / "sweep.json", json.dumps(summary, indent=1, default=str))
+    summary["report"] = str(write_sweep_report(root, chosen, evaluations, plan, renderer))
+    return summary

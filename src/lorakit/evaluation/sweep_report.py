@@ -1,0 +1,95 @@
+"""The sweep's HTML page: grids over variants and epochs, loss curves, ΔW norms, metrics, verdicts."""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+from lorakit.evaluation import report
+from lorakit.evaluation.grid import Axis, Cell, GridSpec, Renderer, render_grid
+from lorakit.evaluation.runs import EvalPlan, RunEvaluation, load_history
+
+METRIC_COLUMNS = ["saturation", "artefacts", "diversity", "fidelity", "drift"]
+
+
+def smoothed(points: list[tuple[float, float]], keep: float = 0.9) -> list[tuple[float, float]]:
+    out, running = [], None
+    for x, y in points:
+        running = y if running is None else keep * running + (1 - keep) * y
+        out.append((x, running))
+    return out
+
+
+def grids(root: Path, chosen, evaluations: list[RunEvaluation], plan: EvalPlan, renderer: Renderer) -> list[str]:
+    cell = Cell(prompt=plan.prompts[0], seed=plan.seeds[0], steps=plan.steps, cfg=plan.cfg, width=plan.size,
+                height=plan.size)
+    finals = [e.files[max(e.files)] for e in evaluations if e.files]
+    prompts = plan.prompts[:3] + plan.unrelated[:1]
+    spec = GridSpec(cell, x=Axis("lora", ["none", *finals]), y=Axis("prompt", prompts))
+    render_grid(renderer, spec, root / "grid_variants")
+    pages = [f'<p>Final file of each variant (columns) on the same prompts and seed {plan.seeds[0]}; the last row '
+             f'is a prompt unrelated to the training data (drift).</p>'
+             f'<img alt="variants grid" src="{report.data_uri(root / "grid_variants" / "grid.png")}">']
+    for evaluation in evaluations:
+        if not evaluation.files:
+            continue
+        spec = GridSpec(cell, x=Axis("lora", ["none", *evaluation.files.values()]),
+                        y=Axis("prompt", plan.prompts[:2]))
+        folder = root / evaluation.name / "grid_epochs"
+        render_grid(renderer, spec, folder)
+        pages.append(f"<h3>{html.escape(evaluation.name)}: epochs</h3>"
+                     f'<img alt="{html.escape(evaluation.name)} epochs" src="{report.data_uri(folder / "grid.png")}">')
+    return pages
+
+
+def metrics_rows(evaluations: list[RunEvaluation]) -> list[dict]:
+    rows = []
+    if evaluations:
+        rows.append({"run": "base model (no LoRA)", "epoch": "", **evaluations[0].base, "drift": 0.0})
+        rows.append({"run": "training images", "epoch": "", **evaluations[0].data})
+    for e in evaluations:
+        for epoch, values in e.per_epoch.items():
+            kinds = ", ".join(v["kind"] for v in e.verdicts[epoch])
+            rows.append({"run": e.name, "epoch": epoch, **values, "verdict": kinds,
+                         "best": "*" if epoch == e.best_epoch else ""})
+    return rows
+
+
+def norm_charts(root: Path, evaluations: list[RunEvaluation]) -> str:
+    over_epochs, parts = {}, []
+    for e in evaluations:
+        norms = load_history(root / e.name, e.name)["norms"]
+        if not norms:
+            continue
+        for kind, label in (("linear", "attention"), ("conv", "conv")):
+            series = [(n["epoch"], math.sqrt(sum(b[kind] ** 2 for b in n["blocks"].values()))) for n in norms]
+            if any(v for _, v in series):
+                over_epochs[f"{e.name} {label}"] = series
+        last = {block: {"attention": v["linear"], "conv": v["conv"]} for block, v in norms[-1]["blocks"].items()}
+        parts.append(report.bar_chart(last, f"{e.name}: ‖ΔW‖ per block at epoch {norms[-1]['epoch']}"))
+    head = report.line_chart(over_epochs, "total ‖ΔW‖ over epochs, attention vs conv") if over_epochs else ""
+    return head + "".join(parts)
+
+
+def write_sweep_report(root: Path, chosen, evaluations: list[RunEvaluation], plan: EvalPlan,
+                       renderer: Renderer) -> Path:
+    settings = [{"variant": v.name, **{k: str(val) for k, val in v.settings.items()}} for v in chosen]
+    keys = sorted({k for v in chosen for k in v.settings})
+    losses = {e.name: smoothed([(s["step"], s["loss"]) for s in load_history(root / e.name, e.name)["steps"]])
+              for e in evaluations}
+    verdicts = []
+    for e in evaluations:
+        verdicts.append({"kind": "best epoch", "line": f"{e.name}: epoch {e.best_epoch}, {e.best_why}"})
+        verdicts += [{**v, "line": f"{e.name} epoch {e.best_epoch}: {v['line']}"} for v in e.verdicts[e.best_epoch]]
+    sections = [
+        ("Variants", report.table(settings, ["variant", *keys])),
+        ("Verdicts at each variant's best epoch", report.verdict_list(verdicts)),
+        ("Grids", "".join(grids(root, chosen, evaluations, plan, renderer))),
+        ("Metrics", "<p>Per epoch, on the same prompts and seeds. fidelity: feature distance to the training "
+                    "images (lower = closer); drift: change on unrelated prompts (lower = leaves them alone); "
+                    "* = suggested epoch.</p>" + report.table(metrics_rows(evaluations),
+                                                                 ["run", "epoch", *METRIC_COLUMNS, "verdict", "best"])),
+        ("Loss (smoothed)", report.line_chart(losses, "training loss")),
+        ("What learns where: ‖ΔW‖ per block, attention vs conv", norm_charts(root, evaluations)),
+    ]
+    return report.write_report(root / "report.html", f"lorakit sweep: {root.name}", sections)
