@@ -16,9 +16,11 @@ LAYERS = [
     ("lorakit.models", 5),  # base models: configs, checkpoints (uses the validated file I/O), the tiny model
     ("lorakit.inspect_file", 5),
     ("lorakit.training", 6),
+    ("lorakit.tools", 6),  # file tools: resize, extract, merge, blocks, convert
     ("lorakit.evaluation", 7),  # grids, metrics, diagnostics, sweeps, reports
     ("lorakit.demo", 8),
     ("lorakit.cli", 9),
+    ("lorakit.cli_tools", 9),
 ]
 
 

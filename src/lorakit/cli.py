@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt in the evaluation")
     p.set_defaults(func=_cmd_demo)
     add_evaluation_commands(sub)
+    from lorakit.cli_tools import add_tool_commands
+
+    add_tool_commands(sub)
     return parser
 
 

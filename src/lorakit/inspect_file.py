@@ -12,6 +12,8 @@ import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import torch
+
 from lorakit.adapters.functional import lokr as F_lokr
 from lorakit.formats.kohya import KeyProblem, group_by_module, parse_module
 from lorakit.formats.safetensors_io import LoraFileError, file_data_hash, read_header, read_safetensors
@@ -119,10 +121,33 @@ def _describe(parsed, family: str) -> dict:
             f"conv{w['t2'].shape[2]}x{w['t2'].shape[3]}" if "t2" in w else _kind_from_name(name))
         scale = F_lokr.scale_for(w, parsed.alpha)
     component, block = _component_and_block(name, family)
+    norm, effective = _delta_stats(parsed, scale)
     return {"name": name, "algo": algo, "kind": kind, "rank": rank if rank is not None else "full",
             "alpha": parsed.alpha, "scale": scale, "component": component, "block": block,
+            "norm": norm, "effective_rank": effective,
             "tucker": any(k in w for k in ("mid", "t1", "t2")),
             "shapes": {parsed.algo.file_keys[k]: list(v.shape) for k, v in w.items()}}
+
+
+@torch.no_grad()
+def _delta_stats(parsed, scale: float) -> tuple[float | None, int | None]:
+    """‖ΔW‖_F and the effective rank (singular values holding 99% of ‖ΔW‖²), without forming big matrices
+    where the factors allow: for LoRA, the singular values of up·down are those of R_up·R_downᵀ (QR)."""
+    w, algo = {k: v.double() for k, v in parsed.weights.items()}, parsed.algo.name
+    if any(k in w for k in ("mid", "t1", "t2")):
+        return None, None
+    if algo == "lora":
+        up, down = w["up"].reshape(w["up"].shape[0], -1), w["down"].reshape(w["down"].shape[0], -1)
+        s = torch.linalg.svdvals(torch.linalg.qr(up).R @ torch.linalg.qr(down.T).R.T) * abs(scale)
+        energy = torch.cumsum(s ** 2, 0) / max(float((s ** 2).sum()), 1e-300)
+        return float(s.pow(2).sum().sqrt()), int((energy < 0.99).sum()) + 1
+    if algo == "loha":
+        first = w["w1a"] @ w["w1b"].reshape(w["w1b"].shape[0], -1)
+        second = w["w2a"] @ w["w2b"].reshape(w["w2b"].shape[0], -1)
+        return float((first * second).norm()) * abs(scale), None
+    w1 = w["w1"] if "w1" in w else w["w1a"] @ w["w1b"]
+    w2 = w["w2"] if "w2" in w else w["w2a"] @ w["w2b"].reshape(w["w2b"].shape[0], -1)
+    return float(w1.norm() * w2.norm()) * abs(scale), None  # ‖A ⊗ B‖ = ‖A‖·‖B‖
 
 
 def _kind_from_shape(shape) -> str:
@@ -148,11 +173,14 @@ def _component_and_block(name: str, family: str) -> tuple[str, str | None]:
 
 def _block_summary(modules: list[dict], family: str) -> dict[str, dict[str, int]]:
     order = list(SDXL_BLOCKS if family == "sdxl" else SD_BLOCKS)
-    summary: dict[str, dict[str, int]] = defaultdict(lambda: {"linear": 0, "conv": 0})
+    empty = {"linear": 0, "conv": 0, "norm_linear": 0.0, "norm_conv": 0.0}
+    summary: dict[str, dict] = defaultdict(lambda: dict(empty))
     for m in modules:
         key = m["block"] or m["component"]
-        summary[key]["conv" if m["kind"].startswith("conv") and m["kind"] != "conv1x1" else "linear"] += 1
-    unet = {b: dict(summary[b]) if b in summary else {"linear": 0, "conv": 0} for b in order}
+        kind = "conv" if m["kind"].startswith("conv") and m["kind"] != "conv1x1" else "linear"
+        summary[key][kind] += 1
+        summary[key][f"norm_{kind}"] = (summary[key][f"norm_{kind}"] ** 2 + (m["norm"] or 0.0) ** 2) ** 0.5
+    unet = {b: dict(summary[b]) if b in summary else dict(empty) for b in order}
     rest = {k: dict(v) for k, v in sorted(summary.items()) if k not in unet}
     return {**unet, **rest}
 
@@ -181,9 +209,9 @@ def format_report(report: dict, show_modules: bool = False) -> str:
     ranks = Counter((m["kind"], m["rank"], m["alpha"]) for m in report["modules"])
     lines.append("ranks       " + "; ".join(f"{k} rank {r} alpha {a} x{n}" for (k, r, a), n in sorted(
         ranks.items(), key=lambda kv: str(kv[0]))))
-    lines.append("blocks      block   linear  conv")
+    lines.append("blocks      block   linear  conv   ‖ΔW‖ attention      conv")
     for block, c in report["blocks"].items():
-        mark = "" if c["linear"] or c["conv"] else "   (none)"
+        mark = f"{c['norm_linear']:>17.4g} {c['norm_conv']:>9.4g}" if c["linear"] or c["conv"] else "   (none)"
         lines.append(f"            {block:<7} {c['linear']:>6} {c['conv']:>5}{mark}")
     meta = report["metadata"]
     for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
@@ -194,5 +222,6 @@ def format_report(report: dict, show_modules: bool = False) -> str:
     if show_modules:
         for m in report["modules"]:
             lines.append(f"  {m['name']:<90} {m['algo']:<5} {m['kind']:<10} r={m['rank']} "
-                         f"alpha={m['alpha']} scale={m['scale']:.4g} {m['block']}")
+                         f"alpha={m['alpha']} scale={m['scale']:.4g} {m['block']} ‖ΔW‖={m['norm'] or 0:.4g} "
+                         f"eff.rank={m['effective_rank'] or '-'}")
     return "\n".join(lines)

@@ -47,6 +47,10 @@ class LoraNetwork(nn.Module):
         self._layers[name] = layer
         self.info[name] = info
 
+    def layer(self, name: str) -> nn.Module:
+        """The model layer adapter `name` belongs to."""
+        return self._layers[name]
+
     # ---- lifecycle ---------------------------------------------------------------------------
     def apply_to(self) -> "LoraNetwork":
         """Attach every adapter to its layer (idempotent)."""

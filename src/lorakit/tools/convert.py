@@ -1,0 +1,98 @@
+"""`lorakit convert IN OUT --to kohya|diffusers [--precision fp32|fp16|bf16]`: key layouts and dtypes.
+
+kohya (`lora_unet_..._to_q.lora_down.weight` + `.alpha`) <-> diffusers/PEFT (`unet.<module path>.lora_A.weight`,
+`lora_B`), for LoRA and LoCon. PEFT files carry no alpha, so kohya -> diffusers folds scale = alpha/rank
+into lora_B; diffusers -> kohya writes alpha = rank. Module paths come from the family's architecture
+built on the meta device (nothing is allocated), so kohya names, which flatten paths with underscores,
+map back unambiguously.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from lorakit.formats.safetensors_io import read_safetensors
+from lorakit.models.configs import build_text_encoders, build_unet
+from lorakit.surgery.targets import all_named_layers
+from lorakit.tools.lora_files import DTYPES, check_output, family_of, read_modules, write_result
+from lorakit.tools.lowrank import ToolError, from_parsed
+
+TE_ROOTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+
+
+@lru_cache(maxsize=4)
+def name_table(family: str) -> dict[str, tuple[str, str]]:
+    """kohya module name -> (component, module path) for a family's full-size architecture (meta device)."""
+    unet = build_unet(family, device="meta")
+    text_encoders = build_text_encoders(family, device="meta")
+    return {name: (component, path) for name, (path, _, component) in all_named_layers(unet, text_encoders).items()}
+
+
+def detect_layout(keys) -> str:
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "diffusers"
+    if any(k.startswith("lora_") for k in keys):
+        return "kohya"
+    raise ToolError("no LoRA keys found (neither kohya `lora_unet_...` nor diffusers `...lora_A.weight`)")
+
+
+def kohya_to_diffusers(src, family: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    modules, metadata = read_modules(src)
+    table = name_table(family)
+    tensors = {}
+    for name, parsed in modules.items():
+        if name not in table:
+            raise ToolError(f"{src}: module {name} is not a layer of a {family} model")
+        module = from_parsed(parsed, str(src))
+        if module.mid is not None:
+            raise ToolError(f"{src}: module {name} uses a Tucker core (lora_mid), which PEFT cannot express")
+        component, path = table[name]
+        prefix = f"{TE_ROOTS[component]}.{path}"
+        tensors[f"{prefix}.lora_A.weight"] = module.down
+        tensors[f"{prefix}.lora_B.weight"] = (module.up.float() * module.scale).to(module.up.dtype)
+    return tensors, metadata
+
+
+def diffusers_to_kohya(src, family: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    raw, metadata = read_safetensors(src)
+    reverse = {f"{TE_ROOTS[c]}.{p}": n for n, (c, p) in name_table(family).items()}
+    tensors = {}
+    for key, tensor in raw.items():
+        for part, kohya in ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight")):
+            if key.endswith(part):
+                path = key[: -len(part)]
+                if path not in reverse:
+                    raise ToolError(f"{src}: {path} is not a layer of a {family} model")
+                tensors[f"{reverse[path]}.{kohya}"] = tensor
+                if kohya == "lora_down.weight":
+                    tensors[f"{reverse[path]}.alpha"] = torch.tensor(float(tensor.shape[0]))
+                break
+        else:
+            raise ToolError(f"{src}: key {key} is not a PEFT LoRA weight (lora_A/lora_B)")
+    return tensors, metadata
+
+
+def convert_file(src: str | os.PathLike, out: str | os.PathLike, to: str | None = None,
+                 precision: str | None = None, family: str | None = None) -> Path:
+    out = check_output(out, src)
+    keys = list(read_safetensors(src)[0])
+    layout = detect_layout(keys)
+    to = to or layout
+    if to not in ("kohya", "diffusers"):
+        raise ToolError(f"--to {to!r}: choose kohya or diffusers")
+    if family is None:
+        family = family_of(read_safetensors(src)[1], [k.split(".")[0] for k in keys])
+        if layout == "diffusers" and any(k.startswith("text_encoder_2.") for k in keys):
+            family = "sdxl"
+    if layout == to:
+        tensors, metadata = read_safetensors(src)
+    elif to == "diffusers":
+        tensors, metadata = kohya_to_diffusers(src, family)
+    else:
+        tensors, metadata = diffusers_to_kohya(src, family)
+    action = {"tool": "convert", "source": os.path.basename(str(src)), "from": layout, "to": to,
+              "precision": precision, "family": family}
+    return write_result(out, tensors, metadata, action, DTYPES.get(precision) if precision else None)

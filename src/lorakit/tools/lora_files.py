@@ -1,0 +1,70 @@
+"""Reading a LoRA file into modules and writing a tool's result with truthful metadata.
+
+Tools never modify their inputs: output paths equal to an input are refused; outputs are written
+atomically with recomputed hashes and a `lorakit_history` entry that says what was done to the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from lorakit.formats.kohya import KeyProblem, ModuleTensors, group_by_module, parse_module
+from lorakit.formats.safetensors_io import LoraFileError, read_safetensors, tensor_data_hash, write_safetensors
+from lorakit.tools.lowrank import ToolError
+
+DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def read_modules(path: str | os.PathLike) -> tuple[dict[str, ModuleTensors], dict[str, str]]:
+    tensors, metadata = read_safetensors(path)
+    if any(k.startswith("model.diffusion_model.") for k in tensors):
+        raise ToolError(f"{path}: this is a model checkpoint, not a LoRA file")
+    try:
+        groups = group_by_module(tensors)
+    except KeyError as e:
+        raise LoraFileError(path, "key has no '<module>.<tensor>' form", str(e.args[0])) from None
+    modules = {}
+    for name, suffixed in groups.items():
+        try:
+            modules[name] = parse_module(name, suffixed)
+        except KeyProblem as e:
+            raise LoraFileError(path, str(e), e.key) from None
+    return modules, metadata
+
+
+def family_of(metadata: dict[str, str], names) -> str:
+    version = metadata.get("ss_base_model_version", "")
+    if "sdxl" in version or any(n.startswith(("lora_te1_", "lora_te2_")) for n in names) or \
+            any("input_blocks" in n or "output_blocks" in n for n in names):
+        return "sdxl"
+    return "sd2" if metadata.get("ss_v2") == "True" or "v2" in version else "sd1"
+
+
+def check_output(out: str | os.PathLike, *inputs) -> Path:
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ToolError(f"{out}: outputs are written as .safetensors")
+    for source in inputs:
+        if source and Path(source).exists() and out.exists() and out.resolve() == Path(source).resolve():
+            raise ToolError(f"{out}: the output would overwrite an input; tools never modify their inputs")
+    return out
+
+
+def write_result(out: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                 action: dict, dtype: torch.dtype | None = None) -> Path:
+    """Write tensors with the inputs' metadata updated: hashes recomputed, the action recorded."""
+    if dtype is not None:
+        tensors = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in tensors.items()}
+    meta = {k: v for k, v in metadata.items() if not k.startswith(("sshs_", "modelspec.hash"))}
+    history = json.loads(meta.get("lorakit_history", "[]"))
+    history.append({**action, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    meta["lorakit_history"] = json.dumps(history)
+    digest = tensor_data_hash(tensors)
+    meta["sshs_model_hash"] = digest
+    meta["modelspec.hash_sha256"] = "0x" + digest
+    write_safetensors(out, tensors, {k: str(v) for k, v in meta.items()})
+    return Path(out)

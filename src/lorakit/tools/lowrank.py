@@ -1,0 +1,106 @@
+"""LoRA/LoCon modules as file tensors, their ΔW, and SVD re-factorisation to a chosen rank.
+
+A module's ΔW = scale · up · down with scale = alpha / rank (down (r, in[, kh, kw]), up (out, r[, 1, 1]),
+optional Tucker core `lora_mid` (r, r, kh, kw)). Re-factorising ΔW (flattened to (out, in·kh·kw)) with
+an SVD gives the best rank-r approximation in Frobenius norm (Eckart-Young); writing alpha = rank makes
+scale 1, so the new file's strength equals the old one's by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.adapters.functional import lora as lora_math
+from lorakit.adapters.functional.layer import scale_of
+from lorakit.formats.kohya import ModuleTensors
+
+
+class ToolError(ValueError):
+    """A file tool cannot do what was asked; the message names the file/module and what to do instead."""
+
+
+@dataclass
+class LowRank:
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+    mid: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return scale_of(self.alpha, self.rank)
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.dim() == 4
+
+    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """ΔW in the layer's weight layout: (out, in) or (out, in, kh, kw)."""
+        down, up = self.down.to(dtype), self.up.to(dtype)
+        mid = self.mid.to(dtype) if self.mid is not None else None
+        if not self.is_conv and up.dim() == 4:  # 1x1 saved 4-D on a Linear (SD2 proj_in)
+            up = up[:, :, 0, 0]
+        if self.is_conv and up.dim() == 2:
+            up = up[:, :, None, None]
+        return lora_math.delta_weight(down, up, self.scale, mid)
+
+    def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        out = {"lora_down.weight": self.down, "lora_up.weight": self.up}
+        if self.mid is not None:
+            out["lora_mid.weight"] = self.mid
+        out = {f"{self.name}.{k}": (v.to(dtype) if dtype else v).contiguous() for k, v in out.items()}
+        out[f"{self.name}.alpha"] = torch.tensor(float(self.alpha if self.alpha else self.rank), dtype=torch.float32)
+        return out
+
+
+def from_parsed(parsed: ModuleTensors, path: str) -> LowRank:
+    if parsed.algo.name != "lora":
+        raise ToolError(f"{path}: module {parsed.name} is {parsed.algo.name}; this tool works on LoRA/LoCon "
+                        "modules (convert LoHa/LoKr with `lorakit extract` from merged checkpoints)")
+    w = parsed.weights
+    return LowRank(parsed.name, w["down"], w["up"], parsed.alpha, w.get("mid"))
+
+
+def choose_rank(s: torch.Tensor, rank: int, method: str | None = None, param: float | None = None) -> int:
+    """Rank to keep from singular values s (descending). method None: `rank`; else a dynamic rule capped
+    at `rank`: sv_ratio keeps s >= s_max/param; sv_fro keeps `param` of the Frobenius norm; sv_cumulative
+    keeps `param` of the sum of singular values."""
+    s = s.double()
+    if method is None:
+        keep = rank
+    elif float(s[0]) == 0.0:
+        keep = 1
+    elif method == "sv_ratio":
+        keep = int((s >= s[0] / param).sum())
+    elif method == "sv_fro":
+        energy = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
+        keep = int((energy < param ** 2 - 1e-12).sum()) + 1
+    elif method == "sv_cumulative":
+        share = torch.cumsum(s, 0) / s.sum()
+        keep = int((share < param - 1e-12).sum()) + 1
+    else:
+        raise ToolError(f"unknown dynamic method {method!r}; use sv_ratio, sv_fro or sv_cumulative")
+    return max(1, min(keep, rank, s.numel()))
+
+
+def factorize(name: str, delta: torch.Tensor, rank: int, method: str | None = None,
+              param: float | None = None) -> tuple[LowRank, float]:
+    """Best rank-r LoRA of ΔW (alpha = rank, so scale 1) and the share of ‖ΔW‖² it keeps."""
+    shape = delta.shape
+    flat = delta.double().reshape(shape[0], -1)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    keep = choose_rank(s, rank, method, param)
+    root = s[:keep].sqrt()
+    up, down = u[:, :keep] * root, root[:, None] * vh[:keep]  # balanced: both factors carry sqrt(S)
+    total = float((s ** 2).sum())
+    retained = float((s[:keep] ** 2).sum()) / total if total > 0 else 1.0
+    if len(shape) == 4:
+        down = down.reshape(keep, shape[1], shape[2], shape[3])
+        up = up[:, :, None, None]
+    return LowRank(name, down.float(), up.float(), float(keep)), retained

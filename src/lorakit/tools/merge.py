@@ -1,0 +1,103 @@
+"""`lorakit merge`: LoRAs into a checkpoint, or several LoRAs into one, exactly, with per-LoRA ratios.
+
+- Into a checkpoint: W += ratio · scale · up·down for every module (any algorithm), computed in float32
+  and written as a single original-layout file. kohya's plain LoRA-into-LoRA merge scales both factors by
+  the ratio, so a ratio r contributes r² (sd-scripts #586/#868); here each ratio counts once.
+- Into one LoRA, `concat`: ranks are stacked (down rows, up columns with ratio·scale folded in, alpha =
+  total rank), an exact sum of the inputs. `svd`: the summed ΔW re-factorised to --rank/--conv-rank.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from lorakit.formats.files import load_network_file
+from lorakit.models.checkpoint import load_base_model, save_single_file
+from lorakit.tools.lora_files import DTYPES, check_output, read_modules, write_result
+from lorakit.tools.lowrank import LowRank, ToolError, factorize, from_parsed
+
+
+def parse_inputs(items: list[str]) -> list[tuple[str, float]]:
+    """`file.safetensors` or `file.safetensors:0.7` -> (path, ratio)."""
+    out = []
+    for item in items:
+        path, sep, ratio = item.rpartition(":")
+        if sep and path and not ratio.replace(".", "", 1).replace("-", "", 1).isdigit():
+            path, ratio = item, ""  # a ':' in the path itself
+        elif not sep:
+            path, ratio = item, ""
+        out.append((path, float(ratio) if ratio else 1.0))
+    return out
+
+
+def _same_layout(module: LowRank, like: LowRank) -> LowRank:
+    if module.down.dim() != like.down.dim():  # 1x1 stored 4-D in one file and 2-D in another
+        if like.down.dim() == 4:
+            return LowRank(module.name, module.down[:, :, None, None], module.up[:, :, None, None], module.alpha)
+        return LowRank(module.name, module.down[:, :, 0, 0], module.up[:, :, 0, 0], module.alpha)
+    return module
+
+
+def merge_loras(inputs: list[tuple[str, float]], out: str | os.PathLike, mode: str = "concat",
+                rank: int | None = None, conv_rank: int | None = None, precision: str | None = None) -> Path:
+    out = check_output(out, *(p for p, _ in inputs))
+    by_name: dict[str, list[tuple[LowRank, float]]] = {}
+    metadata = {}
+    for path, ratio in inputs:
+        modules, meta = read_modules(path)
+        metadata = metadata or meta
+        for name, parsed in modules.items():
+            by_name.setdefault(name, []).append((from_parsed(parsed, path), ratio))
+    tensors = {}
+    for name, parts in by_name.items():
+        shapes = {tuple(m.delta(torch.float32).shape) for m, _ in parts}
+        if len(shapes) > 1:
+            raise ToolError(f"module {name}: the inputs disagree on the layer shape {sorted(shapes)}; "
+                            "are they for different base models?")
+        tensors.update(_merge_module(name, parts, mode, rank, conv_rank).tensors())
+    if mode == "concat":
+        metadata = {**metadata, "ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"}
+    action = {"tool": "merge", "mode": mode, "inputs": [[os.path.basename(p), r] for p, r in inputs],
+              "rank": rank, "conv_rank": conv_rank}
+    return write_result(out, tensors, metadata, action, DTYPES.get(precision) if precision else None)
+
+
+def _merge_module(name, parts, mode, rank, conv_rank) -> LowRank:
+    first = parts[0][0]
+    if mode == "svd" or any(m.mid is not None for m, _ in parts):
+        delta = sum(m.delta() * r for m, r in parts)
+        is_3x3 = delta.dim() == 4 and tuple(delta.shape[2:]) != (1, 1)
+        full = min(delta.shape[0], delta[0].numel())
+        cap = (conv_rank or rank or full) if is_3x3 else (rank or full)
+        return factorize(name, delta, cap if mode == "svd" else sum(m.rank for m, _ in parts))[0]
+    if mode != "concat":
+        raise ToolError(f"merge mode {mode!r}: use concat (exact) or svd (to --rank)")
+    downs, ups = [], []
+    for module, ratio in parts:
+        module = _same_layout(module, first)
+        downs.append(module.down.float())
+        ups.append(module.up.float() * (module.scale * ratio))
+    total = sum(d.shape[0] for d in downs)
+    return LowRank(name, torch.cat(downs, 0), torch.cat(ups, 1), float(total))
+
+
+@torch.no_grad()
+def merge_into_checkpoint(base: str, inputs: list[tuple[str, float]], out: str | os.PathLike,
+                          precision: str | None = "fp16") -> Path:
+    """Bake LoRAs (any algorithm) into a base model and write one original-layout checkpoint."""
+    out = check_output(out, base, *(p for p, _ in inputs))
+    model = load_base_model(base)
+    pipe = model.pipeline
+    text_encoders = model.text_encoders
+    for path, ratio in inputs:
+        network, _ = load_network_file(path, pipe.unet, text_encoders, apply=False)
+        for name, adapter in network.adapters.items():
+            weight = network.layer(name).weight
+            merged = weight.float() + adapter.delta_weight().float() * ratio
+            weight.copy_(merged.to(weight.dtype))
+    meta = {"lorakit_merged_loras": ", ".join(f"{os.path.basename(p)}:{r:g}" for p, r in inputs),
+            "lorakit_base": os.path.basename(str(base))}
+    return save_single_file(out, model.family, pipe.unet, pipe.vae, text_encoders, DTYPES.get(precision),
+                            metadata=meta)
