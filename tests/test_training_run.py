@@ -153,3 +153,31 @@ def test_two_processes_with_accelerate_launch_share_the_epoch_and_stay_in_sync(t
     assert run.stdout.count("trained 6 steps") == 1
     _, meta = read_safetensors(tmp_path / "out" / "lora.safetensors")
     assert meta["ss_num_processes"] == "2" and meta["ss_steps"] == "6"
+
+
+def test_disk_latent_cache_is_reused_and_invalidated_by_image_or_vae_changes(tiny_folder, images, tmp_path,
+                                                                              monkeypatch):
+    from lorakit.training import data
+
+    cfg = train_config(tiny_folder, images, tmp_path, cache_latents_to_disk=True, max_train_steps=1)
+    trainer = Trainer(cfg)
+    first = data.LatentCache.build(trainer.report.items, trainer.vae, disk=tmp_path / "cache")
+    files = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(files) == 4
+
+    def no_encoding(*a, **k):
+        raise AssertionError("encoded although cached")
+
+    monkeypatch.setattr(trainer.vae, "encode", no_encoding)
+    again = data.LatentCache.build(trainer.report.items, trainer.vae, disk=tmp_path / "cache")
+    assert all(torch.equal(a, b) for a, b in zip(first.latents, again.latents))
+    monkeypatch.undo()
+    changed = trainer.report.items[0].path
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(changed)  # a changed image gets a new latent
+    with torch.no_grad():
+        data.LatentCache.build(trainer.report.items, trainer.vae, disk=tmp_path / "cache")
+        assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 5
+        next(trainer.vae.parameters()).add_(0.01)  # a changed VAE gets a new folder
+        data.LatentCache.build(trainer.report.items, trainer.vae, disk=tmp_path / "cache")
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+    assert Trainer(cfg).run().steps == 1

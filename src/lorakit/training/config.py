@@ -66,6 +66,8 @@ class TrainConfig:
     resolution: int = opt(512, "training resolution (square side)", lo=64, hi=4096)
     train_batch_size: int = opt(1, "batch size", lo=1, hi=1024)
     caption_extension: str = opt(".txt", "caption file extension")
+    cache_latents_to_disk: bool = opt(False, "also keep VAE latents on disk (reused while image and VAE are unchanged)")
+    latent_cache_dir: str | None = opt(None, "where disk latents go (unset: <output_dir>/latent-cache)")
     # ---- optimisation ----
     learning_rate: float = opt(1e-4, "default learning rate", lo=0.0, hi=1.0)
     unet_lr: float | None = opt(None, "U-Net LR (unset: learning_rate; 0 freezes)", lo=0.0, hi=1.0)

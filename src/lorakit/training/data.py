@@ -1,18 +1,23 @@
 """From checked dataset items to training batches: resize/crop to buckets, cached latents, epochs of batches.
 
-Latents are encoded once (and once more flipped when flip_aug is on) and kept in memory; batches are formed
-within a bucket, as kohya does, so every batch has one shape.
+Latents are encoded once (and once more flipped when flip_aug is on) and kept in memory, optionally also on
+disk (`cache_latents_to_disk`): one file per (image bytes, bucket, VAE weights), so a changed image or VAE
+never reuses a stale latent. Batches are formed within a bucket, as kohya does, so every batch has one shape.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from lorakit.formats.atomic import atomic_write
+from lorakit.formats.safetensors_io import LoraFileError, read_safetensors
 from lorakit.training.dataset import ImageItem, load_rgb
 
 
@@ -35,11 +40,17 @@ class LatentCache:
 
     @staticmethod
     @torch.no_grad()
-    def build(items: list[ImageItem], vae, batch_size: int = 8, progress=None) -> "LatentCache":
+    def build(items: list[ImageItem], vae, batch_size: int = 8, progress=None,
+              disk: str | Path | None = None) -> "LatentCache":
         latents: list = [None] * len(items)
         flipped: list = [None] * len(items)
+        store = DiskCache(disk, vae) if disk else None
         by_bucket = defaultdict(list)
         for i, item in enumerate(items):
+            if store and store.load(item, i, latents, flipped):
+                if progress is not None:
+                    progress(1)
+                continue
             by_bucket[item.bucket].append(i)
         scale = vae.config.scaling_factor
         dtype = next(vae.parameters()).dtype
@@ -52,9 +63,48 @@ class LatentCache:
                 if any(items[i].subset.flip_aug for i in chunk):
                     for i, z in zip(chunk, vae.encode(pixels.flip(-1)).latent_dist.mean * scale):
                         flipped[i] = z.float().cpu() if items[i].subset.flip_aug else None
+                if store:
+                    for i in chunk:
+                        store.save(items[i], latents[i], flipped[i])
                 if progress is not None:
                     progress(len(chunk))
         return LatentCache(latents, flipped)
+
+
+class DiskCache:
+    """Latents as `<folder>/<vae fingerprint>/<image sha256>_<w>x<h>.safetensors` (atomic writes)."""
+
+    def __init__(self, folder: str | Path, vae):
+        digest = hashlib.sha256(repr(sorted(vae.config.items())).encode())
+        for tensor in vae.state_dict().values():  # the weights themselves: a retrained VAE gets new files
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        self.folder = Path(folder) / digest.hexdigest()[:16]
+
+    def path(self, item: ImageItem) -> Path:
+        image = hashlib.sha256(Path(item.path).read_bytes()).hexdigest()[:32]
+        return self.folder / f"{image}_{item.bucket[0]}x{item.bucket[1]}.safetensors"
+
+    def load(self, item: ImageItem, i: int, latents: list, flipped: list) -> bool:
+        path = self.path(item)
+        if not path.is_file():
+            return False
+        try:
+            tensors, _ = read_safetensors(path)
+        except LoraFileError:
+            return False  # damaged: encode again and overwrite
+        if item.subset.flip_aug and "flipped" not in tensors:
+            return False
+        latents[i] = tensors["latent"]
+        flipped[i] = tensors.get("flipped") if item.subset.flip_aug else None
+        return True
+
+    def save(self, item: ImageItem, latent: torch.Tensor, flipped: torch.Tensor | None) -> None:
+        from safetensors.torch import save
+
+        tensors = {"latent": latent.contiguous()}
+        if flipped is not None:
+            tensors["flipped"] = flipped.contiguous()
+        atomic_write(self.path(item), save(tensors))
 
 
 def epoch_batches(items: list[ImageItem], batch_size: int, rng: random.Random) -> list[list[int]]:

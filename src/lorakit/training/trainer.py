@@ -130,7 +130,8 @@ class Trainer:
         cfg, start = self.config, time.time()
         with tqdm(total=len(self.report.items), desc="caching latents", unit="img", leave=False,
                   disable=not self.procs.is_main) as bar:
-            cache = LatentCache.build(self.report.items, self.vae, progress=bar.update)
+            disk = (cfg.latent_cache_dir or self.out / "latent-cache") if cfg.cache_latents_to_disk else None
+            cache = LatentCache.build(self.report.items, self.vae, progress=bar.update, disk=disk)
         total = self.total_steps()
         optimizer = make_optimizer(cfg.optimizer_type, self.network.param_groups(
             cfg.unet_lr, cfg.text_encoder_lr, cfg.learning_rate), cfg.learning_rate, self.device)
