@@ -1,6 +1,7 @@
 """Trained files, every algorithm, conv on and off: `lorakit inspect` reads them, lycoris-lora (and, for
 LoRA/LoCon, diffusers) load them and compute the same outputs as lorakit; block dims give exactly the
 modules asked for."""
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +80,30 @@ def test_block_dims_train_exactly_the_blocks_asked_for(tiny_folder, images, tmp_
     assert {r for k, r in ranks.items() if "down_blocks_1_attentions_0" in k} == {4}
     assert {r for k, r in ranks.items() if "up_blocks_2_attentions_1" in k} == {8}
     assert not any(k.startswith("lora_te") for k in tensors)
+
+
+def test_sdxl_training_writes_sgm_names_for_both_text_encoders(images, tmp_path):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
+
+    from lorakit.models.configs import build_text_encoders, build_unet
+    from lorakit.models.tiny import SCHEDULER, TINY_VAE
+    from lorakit.models.tokenizer import clip_tokenizer
+
+    te1, te2 = build_text_encoders("tiny-sdxl")
+    pipe = StableDiffusionXLPipeline(vae=AutoencoderKL(**TINY_VAE), text_encoder=te1, text_encoder_2=te2,
+                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(),
+                                     unet=build_unet("tiny-sdxl"), scheduler=DDIMScheduler(**SCHEDULER))
+    pipe.save_pretrained(tmp_path / "xl")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --s 2\n")
+    cfg = train_config(tmp_path / "xl", images, tmp_path, conv_dim=4, conv_alpha=2, max_train_steps=None,
+                       max_train_epochs=1, sample_every_n_epochs=1, sample_prompts=str(prompts))
+    result = Trainer(cfg).run()
+    tensors, meta = read_safetensors(result.files[-1])
+    assert meta["ss_base_model_version"].startswith("sdxl")
+    assert any(k.startswith("lora_te1_") for k in tensors) and any(k.startswith("lora_te2_") for k in tensors)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in tensors)
+    assert result.samples and np.isfinite(result.losses).all()
+    loaded = load_base_model(str(tmp_path / "xl")).pipeline
+    network, report = load_network_file(result.files[-1], loaded.unet, [loaded.text_encoder, loaded.text_encoder_2])
+    assert report.loaded == len(network.adapters) > 0

@@ -41,10 +41,26 @@ def prepare_samples(config: TrainConfig) -> list[SamplePrompt]:
 def prepare_base(config: TrainConfig) -> BaseModel:
     base = load_base_model(config.pretrained_model_name_or_path,
                            prediction_type="v_prediction" if config.v_parameterization else None)
-    if base.family == "sdxl":
-        raise ConfigError("SDXL training is not implemented yet (SD1.x/SD2.x are); the adapter core and files "
-                          "support SDXL already")
+    if base.family == "sdxl" and config.clip_skip > 1:
+        raise ConfigError("clip_skip does not apply to SDXL (it always uses the penultimate layers, as kohya "
+                          "does); remove it")
     return base
+
+
+def encode_text_sdxl(text_encoders, tokenizers, captions: list[str], size: tuple[int, int]) -> tuple:
+    """SDXL conditioning: both encoders' penultimate hidden states side by side (B, 77, 768+1280), the second
+    encoder's pooled projection (B, 1280), and the size/crop ids (orig h, w, crop top, left, target h, w)."""
+    hidden, pooled = [], None
+    for encoder, tokenizer in zip(text_encoders, tokenizers):
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(encoder.device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
+    height, width = size
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(captions), dtype=pooled.dtype,
+                            device=pooled.device)
+    return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
 
 
 def encode_text(text_encoder, tokenizer, captions: list[str], clip_skip: int) -> torch.Tensor:

@@ -42,7 +42,8 @@ def load_sample_prompts(path: str | Path, resolution: int) -> list[SamplePrompt]
 @torch.no_grad()
 def render_samples(pipeline, network, prompts: list[SamplePrompt], folder: str | Path, stem: str) -> list[Path]:
     """One PNG per prompt: `{stem}_{index:02d}_{seed}.png`; prompts without --d get seed = index."""
-    modules = [m for m in (pipeline.unet, pipeline.text_encoder, network) if m is not None]
+    modules = [m for m in (pipeline.unet, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None), network)
+               if m is not None]
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()

@@ -28,7 +28,7 @@ from lorakit.training.distributed import Processes
 from lorakit.training.monitor import Monitor
 from lorakit.training.optim import make_optimizer, make_scheduler
 from lorakit.training.outputs import StopRequest, TrainingInterrupted, TrainingStopped, save_lora
-from lorakit.training.prepare import encode_text, prepare_base, prepare_dataset, prepare_samples
+from lorakit.training.prepare import encode_text, encode_text_sdxl, prepare_base, prepare_dataset, prepare_samples
 from lorakit.training.sampling import render_samples
 from lorakit.training.state import Progress, load_state, save_state
 
@@ -61,15 +61,17 @@ class Trainer:
         pipe = self.base.pipeline
         pipe.set_progress_bar_config(disable=True)
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-        for module in (self.unet, self.vae, self.text_encoder):
+        self.text_encoders = self.base.text_encoders  # SDXL: two
+        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if len(self.text_encoders) == 2 else [])
+        for module in (self.unet, self.vae, *self.text_encoders):
             module.requires_grad_(False).to(self.device)
-        self.network: LoraNetwork = create_network(self.unet, [self.text_encoder], config.network_config(),
+        self.network: LoraNetwork = create_network(self.unet, self.text_encoders, config.network_config(),
                                                    seed=config.seed)
         self.network.to(self.device)
         self.train_text = any(i.component != "unet" for i in self.network.info.values()) and \
             (config.text_encoder_lr is None or config.text_encoder_lr > 0)
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(self.device)
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[tuple, tuple] = {}  # (caption, pixel size) -> (hidden, SDXL extras)
         self.out = Path(config.output_dir)
 
     # ---- steps ------------------------------------------------------------------------------
@@ -81,15 +83,24 @@ class Trainer:
             return per_epoch * self.config.max_train_epochs
         return self.config.max_train_steps
 
-    def context(self, captions: list[str]) -> torch.Tensor:
+    def encode(self, captions: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, dict | None]:
+        """(context (B, 77, D), SDXL's added_cond_kwargs or None)."""
+        if self.base.family == "sdxl":
+            return encode_text_sdxl(self.text_encoders, self.tokenizers, captions, size)
+        return encode_text(self.text_encoder, self.tokenizer, captions, self.config.clip_skip), None
+
+    def context(self, captions: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, dict | None]:
         if self.train_text:
-            return encode_text(self.text_encoder, self.tokenizer, captions, self.config.clip_skip)
-        missing = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
-        if missing:  # frozen text encoder: each distinct caption is encoded once
+            return self.encode(captions, size)
+        missing = [c for c in dict.fromkeys(captions) if (c, size) not in self._text_cache]
+        if missing:  # frozen text encoders: each distinct caption is encoded once
             with torch.no_grad():
-                for c, h in zip(missing, encode_text(self.text_encoder, self.tokenizer, missing, self.config.clip_skip)):
-                    self._text_cache[c] = h
-        return torch.stack([self._text_cache[c] for c in captions])
+                hidden, extra = self.encode(missing, size)
+                for n, c in enumerate(missing):
+                    self._text_cache[(c, size)] = (hidden[n], {k: v[n] for k, v in (extra or {}).items()})
+        entries = [self._text_cache[(c, size)] for c in captions]
+        extra = {k: torch.stack([e[1][k] for e in entries]) for k in entries[0][1]} or None
+        return torch.stack([e[0] for e in entries]), extra
 
     def loss(self, latents: torch.Tensor, captions: list[str], rng: torch.Generator) -> torch.Tensor:
         cfg = self.config
@@ -97,8 +108,10 @@ class Trainer:
         t = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=rng).to(self.device)
         noisy = obj.add_noise(latents, noise, self.alphas_cumprod, t)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        size = (latents.shape[-2] * 8, latents.shape[-1] * 8)  # pixels: the VAE downsamples 8x
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            pred = self.unet(noisy, t, self.context(captions)).sample
+            context, extra = self.context(captions, size)
+            pred = self.unet(noisy, t, context, added_cond_kwargs=extra).sample
         weights = None
         if cfg.min_snr_gamma:
             weights = obj.min_snr_weight(self.alphas_cumprod, t, cfg.min_snr_gamma, self.base.prediction_type
