@@ -160,3 +160,27 @@ def run_partially(base, variant, root):
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     return folder / f"{variant.name}-state"
+
+
+def test_blocks_axis_parses_presets_and_vectors_and_zero_blocks_equal_the_base(tiny_folder, tmp_path):
+    from lorakit.formats.files import save_network
+    from lorakit.models.checkpoint import load_base_model
+    from lorakit.surgery.config import NetworkConfig
+    from lorakit.surgery.network import create_network
+
+    from conftest import randomize
+
+    assert Axis.parse("blocks=OUTS,INS").values == ["OUTS", "INS"]
+    vector = ",".join(["1"] * 26)
+    assert Axis.parse(f"blocks={vector}").values == [vector]
+    pipe = load_base_model(str(tiny_folder)).pipeline
+    net = create_network(pipe.unet, [pipe.text_encoder], NetworkConfig(network_dim=4, conv_dim=4, conv_alpha=1))
+    randomize(net, std=0.2)
+    path = save_network(net, tmp_path / "l.safetensors")
+    net.restore()
+    renderer = Renderer(pipeline=pipe)
+    cell = Cell(prompt="a red circle", steps=2, seed=1)
+    base = renderer.image(cell)
+    full = renderer.image(Cell(**{**cell.__dict__, "lora": str(path)}))
+    none = renderer.image(Cell(**{**cell.__dict__, "lora": str(path), "blocks": "NONE"}))
+    assert not np.array_equal(base, full) and np.array_equal(base, none)

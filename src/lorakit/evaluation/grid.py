@@ -4,7 +4,8 @@
                     prompt="a red circle ...", seed=1)
     result = render_grid(Renderer(), spec, "out/grid")   # grid.png, cells/*.png, grid.json
 
-Axes: lora (files; "none" = the base model), multiplier, seed, prompt, steps, cfg. A Z axis gives one
+Axes: lora (files; "none" = the base model), multiplier, blocks (LoRA Block Weight presets or vectors, e.g.
+OUTS or 26 values), seed, prompt, steps, cfg. A Z axis gives one
 grid page per value. Images are generated one at a time from (prompt, seed) so a cell is identical to the
 same image generated alone.
 """
@@ -23,8 +24,9 @@ from PIL import Image, ImageDraw, ImageFont
 from lorakit.formats.atomic import atomic_write
 from lorakit.formats.files import load_network_file
 from lorakit.models.checkpoint import load_base_model
+from lorakit.tools.blocks import lbw_block, parse_weights
 
-AXES = {"lora": str, "multiplier": float, "seed": int, "prompt": str, "steps": int, "cfg": float}
+AXES = {"lora": str, "multiplier": float, "blocks": str, "seed": int, "prompt": str, "steps": int, "cfg": float}
 
 
 class GridError(ValueError):
@@ -37,6 +39,7 @@ class Cell:
     seed: int = 0
     lora: str = "none"
     multiplier: float = 1.0
+    blocks: str = ""  # LBW preset or vector; "" = every block at the multiplier
     steps: int = 20
     cfg: float = 5.0
     negative: str = ""
@@ -65,8 +68,10 @@ class Axis:
         name, eq, values = text.partition("=")
         if not eq:
             raise GridError(f"grid axis {text!r}: expected name=value1,value2")
-        sep = "|" if "|" in values else ","
-        return Axis(name.strip(), [v.strip() for v in values.split(sep) if v.strip()])
+        items = [v.strip() for v in values.split("|" if "|" in values else ",") if v.strip()]
+        if name.strip() == "blocks" and "|" not in values and any(_is_number(v) for v in items):
+            items = [values.strip()]  # one block vector (its commas are not value separators)
+        return Axis(name.strip(), items)
 
     def label(self, value) -> str:
         if self.name == "lora":
@@ -102,19 +107,25 @@ class Renderer:
         self.pipe.set_progress_bar_config(disable=True)
         self.loaded: tuple[str, object] | None = None
 
-    def use(self, lora: str, multiplier: float) -> None:
+    def use(self, lora: str, multiplier: float, blocks: str = "") -> None:
         if self.loaded and self.loaded[0] != lora:
             self.loaded[1].restore()
             self.loaded = None
         if lora != "none" and self.loaded is None:
-            network, _ = load_network_file(lora, self.pipe.unet, [self.pipe.text_encoder])
+            encoders = [self.pipe.text_encoder] + ([self.pipe.text_encoder_2]
+                                                   if getattr(self.pipe, "text_encoder_2", None) else [])
+            network, _ = load_network_file(lora, self.pipe.unet, encoders)
             self.loaded = (lora, network)
         if self.loaded:
-            self.loaded[1].set_multiplier(multiplier)
+            network = self.loaded[1]
+            weights = parse_weights(blocks, network.family) if blocks else {}
+            for name, adapter in network.adapters.items():
+                block = lbw_block(name, network.family)
+                adapter.multiplier = multiplier * (weights.get(block, 0.0) if weights and block else 1.0)
 
     @torch.no_grad()
     def image(self, cell: Cell) -> np.ndarray:
-        self.use(cell.lora, cell.multiplier)
+        self.use(cell.lora, cell.multiplier, cell.blocks)
         out = self.pipe(cell.prompt, negative_prompt=cell.negative or None, num_inference_steps=cell.steps,
                         guidance_scale=cell.cfg, width=cell.width, height=cell.height, output_type="np",
                         generator=torch.Generator().manual_seed(cell.seed)).images[0]
@@ -124,6 +135,14 @@ class Renderer:
         if self.loaded:
             self.loaded[1].restore()
             self.loaded = None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def png_bytes(image: Image.Image) -> bytes:
