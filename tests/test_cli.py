@@ -55,10 +55,27 @@ def test_inspect_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end_in_a_subprocess(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lorakit.cli", "demo", "--output", str(tmp_path), "--steps", "6"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "demo_locon.safetensors").is_file()
-    assert "reloaded output differs by 0.00e+00" in proc.stdout
-    assert "diffusion loss on the striped style" in proc.stdout
+    """`lorakit demo` on a shortened schedule: both variants trained, grids, report, and the summary."""
+    proc = subprocess.run([sys.executable, "-m", "lorakit.cli", "demo", "--output", str(tmp_path), "--epochs", "1",
+                           "--seeds", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    assert (sweep / "conv_dim-0" / "conv_dim-0.safetensors").is_file()
+    assert (sweep / "conv_dim-8_conv_alpha-4" / "conv_dim-8_conv_alpha-4.safetensors").is_file()
+    assert (sweep / "grid_variants" / "grid.png").is_file() and (sweep / "grid_variants" / "grid.json").is_file()
+    report = (sweep / "report.html").read_text()
+    assert "Verdicts" in report and "conv_dim-8_conv_alpha-4" in report and "<svg" in report
     assert "embedded tiny SD model" in proc.stdout  # no base model given: it says which one it used
+    assert "report:" in proc.stdout and "sepia" in proc.stdout
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    assert "none" in summary["style_score"] and len(summary["evaluations"]) == 2
+
+
+def test_grid_command_writes_png_cells_and_json(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["grid", "--prompt", "a red circle", "--base", str(tiny_folder), "--x", "seed=1,2",
+                 "--y", "cfg=1,3", "--steps", "2", "--out", str(out)]) == 0
+    meta = json.loads((out / "grid.json").read_text())
+    assert len(meta["cells"]) == 4 and (out / "grid.png").is_file()
+    assert main(["grid", "--prompt", "x", "--base", str(tiny_folder), "--x", "sed=1"]) == 2
+    assert "unknown grid axis 'sed'" in capsys.readouterr().err

@@ -184,3 +184,16 @@ def test_blocks_axis_parses_presets_and_vectors_and_zero_blocks_equal_the_base(t
     full = renderer.image(Cell(**{**cell.__dict__, "lora": str(path)}))
     none = renderer.image(Cell(**{**cell.__dict__, "lora": str(path), "blocks": "NONE"}))
     assert not np.array_equal(base, full) and np.array_equal(base, none)
+
+
+def test_sweep_spreads_variants_over_several_devices(tiny_folder, images, tmp_path):
+    """Two 'devices' (both the CPU here): one spawned worker each, every variant trained exactly once."""
+    from lorakit.evaluation.sweep import train_spread
+
+    base = dict(pretrained_model_name_or_path=str(tiny_folder), train_data_dir=str(images), resolution=64,
+                train_batch_size=2, max_train_steps=2, network_dim=4, network_alpha=2, seed=1)
+    chosen = variants(base, [parse_axis("network_dim=2,4,8")])
+    train_spread(base, chosen, tmp_path, ["cpu", "cpu"])
+    for variant in chosen:
+        done = json.loads((tmp_path / variant.name / "done.json").read_text())
+        assert done["steps"] == 2 and done["settings"] == variant.settings

@@ -1,4 +1,4 @@
-"""Learning is real: on the embedded tiny model and a striped style it has never seen, the training loss
+"""Learning is real: on the embedded tiny model and a sepia style it has never seen, the training loss
 falls and samples (fixed prompts and seeds) carry measurably more of the style with the LoRA applied,
 for an attention-only LoRA and for a LoCon."""
 import numpy as np
@@ -11,19 +11,19 @@ from lorakit.training.config import build_config
 from lorakit.training.trainer import Trainer
 
 
-def stripe_of_samples(pipe, prompts, seeds=(0, 1)) -> float:
+def style_of_samples(pipe, prompts, seeds=(0, 1)) -> float:
     scores = []
     for prompt in prompts:
         for seed in seeds:
             image = pipe(prompt, num_inference_steps=12, guidance_scale=5.0, height=64, width=64,
                          generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
-            scores.append(styles.stripe_score((image * 255).round().astype(np.uint8)))
+            scores.append(styles.sepia_score((image * 255).round().astype(np.uint8)))
     return float(np.mean(scores))
 
 
 @pytest.mark.parametrize("conv_dim", [0, 8])
 def test_loss_falls_and_samples_move_towards_the_style(tmp_path, conv_dim):
-    data = styles.write_style_dataset(tmp_path / "data", count=8, repeats=5, seed=0)
+    data = styles.write_style_dataset(tmp_path / "data", count=8, repeats=5, seed=0, style="sepia")
     cfg = build_config(dict(train_data_dir=str(data), resolution=64, train_batch_size=4, max_train_epochs=6,
                             network_dim=8, network_alpha=8, conv_dim=conv_dim, conv_alpha=8 if conv_dim else None,
                             learning_rate=3e-3, network_train_unet_only=True, seed=0,
@@ -32,13 +32,13 @@ def test_loss_falls_and_samples_move_towards_the_style(tmp_path, conv_dim):
     prompts = styles.style_prompts(3)
     pipe = trainer.base.pipeline
     trainer.network.set_multiplier(0.0)
-    before = stripe_of_samples(pipe, prompts)
+    before = style_of_samples(pipe, prompts)
     trainer.network.set_multiplier(1.0)
     result = trainer.run()
     losses = np.array(result.losses)
     assert len(losses) == 60
     assert losses[-15:].mean() < 0.8 * losses[:15].mean(), losses
-    after = stripe_of_samples(pipe, prompts)
+    after = style_of_samples(pipe, prompts)
     assert after > before + 0.1, (before, after)
 
     # the same file, loaded fresh on the base model, reproduces the effect
@@ -47,4 +47,4 @@ def test_loss_falls_and_samples_move_towards_the_style(tmp_path, conv_dim):
     from lorakit.formats.files import load_network_file
 
     load_network_file(result.files[-1], fresh.unet, [fresh.text_encoder])
-    assert stripe_of_samples(fresh, prompts) == pytest.approx(after, abs=0.02)  # saved as fp16
+    assert style_of_samples(fresh, prompts) == pytest.approx(after, abs=0.02)  # saved as fp16

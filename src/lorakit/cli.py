@@ -86,7 +86,8 @@ def _cmd_sweep(args, extra: list[str]) -> int:
     base.update(parse_overrides(extra))
     plan = EvalPlan(prompts=args.prompt, unrelated=args.unrelated, seeds=list(range(args.seeds)),
                     steps=args.steps, size=int(base.get("resolution", 64)))
-    summary = run_sweep(base, [parse_axis(a) for a in args.axis], args.out, plan)
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+    summary = run_sweep(base, [parse_axis(a) for a in args.axis], args.out, plan, devices)
     for e in summary["evaluations"]:
         kinds = ", ".join(v["kind"] for v in e["verdicts"][e["best_epoch"]])
         print(f"{e['name']}: best epoch {e['best_epoch']} ({kinds})")
@@ -119,6 +120,7 @@ def add_evaluation_commands(sub) -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="sweep")
+    p.add_argument("--devices", help="e.g. cuda:0,cuda:1: variants are spread over them (default: one device)")
     p.set_defaults(func=_cmd_sweep, takes_extra=True)
 
 

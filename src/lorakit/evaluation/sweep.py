@@ -84,15 +84,37 @@ def train_variant(base: dict, variant: Variant, root: Path, device=None) -> Path
     return folder
 
 
+def train_in_turn(base: dict, chosen: list[Variant], root: Path, device=None) -> None:
+    for n, variant in enumerate(chosen, 1):
+        print(f"[sweep {n}/{len(chosen)}] {variant.name}" + (f" on {device}" if device else ""), flush=True)
+        train_variant(base, variant, root, device)
+
+
+def train_spread(base: dict, chosen: list[Variant], root: Path, devices: list[str]) -> None:
+    """One worker process per device, each training its share of the variants in turn (spawned, not
+    forked: CUDA does not survive a fork)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(devices), mp_context=context) as pool:
+        jobs = [pool.submit(train_in_turn, base, chosen[i::len(devices)], root, device)
+                for i, device in enumerate(devices)]
+        for job in jobs:
+            job.result()  # re-raises a worker's error here
+
+
 def run_sweep(base: dict, axes: list[tuple[str, list[str]]], root: str | Path, plan: EvalPlan,
-              device=None) -> dict:
+              devices: list[str] | None = None) -> dict:
+    """Train every variant (spread over `devices` when there are several), then evaluate and report."""
     root = Path(root)
     chosen = variants(base, axes)
     for variant in chosen:  # build every config first: a bad combination fails before any training
         build_config({**base, **variant.settings}, f"sweep variant {variant.name}")
-    for n, variant in enumerate(chosen, 1):
-        print(f"[sweep {n}/{len(chosen)}] {variant.name}", flush=True)
-        train_variant(base, variant, root, device)
+    if devices and len(devices) > 1:
+        train_spread(base, chosen, root, devices)
+    else:
+        train_in_turn(base, chosen, root, devices[0] if devices else None)
     return evaluate_sweep(base, chosen, root, plan)
 
 

@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     record = {"args": {k: v for k, v in vars(args).items() if k != "evaluate_only"}, "log": log, "eval": result,
               "vae_eval": vae_eval, "minutes": train_minutes}
     (out / "training_log.json").write_text(json.dumps(record, indent=1))
-    write_model_card(out, args, vae_loss, loss, train_minutes, result)
+    write_model_card(out, args, vae_loss, loss, train_minutes, result, vae_eval)
     print(f"done in {train_minutes:.0f} min; held-out prompt following {result['accuracy']:.1%}")
 
 
@@ -206,13 +206,19 @@ def reevaluate(out: Path) -> None:
     (out / "training_log.json").write_text(json.dumps(record, indent=1))
     vae_loss = [e["loss"] for e in record["log"] if e["stage"] == "vae"][-1]
     loss = [e["loss"] for e in record["log"] if e["stage"] == "diffusion"][-1]
-    write_model_card(out, args, vae_loss, loss, record.get("minutes", float("nan")), result)
+    write_model_card(out, args, vae_loss, loss, record.get("minutes", float("nan")), result, record.get("vae_eval"))
     print(f"held-out prompt following {result['accuracy']:.1%} (colour {result['colour_accuracy']:.1%}, "
           f"shape {result['shape_accuracy']:.1%})")
 
 
-def write_model_card(out: Path, args, vae_loss: float, loss: float, minutes: float, result: dict) -> None:
+def write_model_card(out: Path, args, vae_loss: float, loss: float, minutes: float, result: dict,
+                     vae_eval: dict | None = None) -> None:
     size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+    init = getattr(args, "init_from", None)
+    warm = (f" The U-Net and text encoder started from the previous release's weights (`--init-from`), so the "
+            f"{minutes:.0f} minutes come on top of that model's own training." if init else "")
+    vae_line = (f"  VAE round trip on 200 fresh scenes: colour and shape kept for {vae_eval['roundtrip_accuracy']:.1%}, "
+                f"the demo's stripes kept at {vae_eval['stripe_kept']:.0%} of their contrast.\n" if vae_eval else "")
     text = f"""# lorakit embedded tiny SD model
 
 A tiny Stable-Diffusion-style model with SD1.5's U-Net block topology (25 blocks IN00..OUT11), for tests,
@@ -224,15 +230,17 @@ the real CLIP tokenizer. Weights: fp16 safetensors, {size / 1e6:.1f} MB.
   x {len(shapes.SIZES)} sizes, captions like "a large red circle on a blue background, top left";
   {len(shapes.held_out_triples(args.seed))} (colour, shape, background) combinations held out of training.
 - **Training** (seed {args.seed}, {args.threads} CPU threads, {minutes:.0f} minutes in all): VAE {args.vae_steps}
-  steps at batch 16 (final reconstruction MSE {vae_loss:.4f}); U-Net + text encoder {args.steps} steps at batch
-  {args.batch}, AdamW 1e-3 one-cycle, min-SNR-5, 10% caption dropout, EMA 0.999 (final smoothed loss
-  {loss:.4f}).
+  steps at batch 16 on the shapes, half of them under random textures (stripes, lines, checks) so LoRA styles
+  can be drawn, foreground-weighted MSE (final {vae_loss:.4f}); U-Net + text encoder {args.steps} steps at batch
+  {args.batch} on untextured shapes only, AdamW 1e-3 one-cycle, min-SNR-5, 10% caption dropout, EMA 0.999
+  (final smoothed loss {loss:.4f}).{warm}
+{vae_line}
 - **Prompt following, measured** on the held-out prompts ({result['images']} images: {len(result['per_prompt'])}
   prompts x 8 seeds, DDIM {result['steps']} steps, CFG {result['guidance']}; colour and shape judged by
   `lorakit.models.shapes.judge`): **{result['accuracy']:.1%}** colour and shape both right
   (colour {result['colour_accuracy']:.1%}, shape {result['shape_accuracy']:.1%}).
 - **Rebuild**: `python -m lorakit.models.pretrain --out src/lorakit/data/tiny-sd --vae-steps {args.vae_steps}
-  --steps {args.steps} --batch {args.batch} --seed {args.seed} --threads {args.threads}`
+  --steps {args.steps} --batch {args.batch} --seed {args.seed} --threads {args.threads}{' --init-from ' + init if init else ''}`
 """
     (out / "MODEL_CARD.md").write_text(text)
 

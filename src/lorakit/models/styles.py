@@ -1,9 +1,14 @@
 """Procedural styles the embedded model has never seen, as training folders on disk, and their detectors.
 
-A style is 'how' things are drawn over the usual shapes: diagonal stripes darken every other band. The
-detector knows the band pattern, so how much of the style a generated image carries is one number:
-`stripe_score` = mean brightness off the bands minus on them, relative to the image's mean brightness
-(about 0 for images without stripes, about 0.76 for a striped training image).
+A style is 'how' things are drawn over the usual shapes; each comes with a detector, so how much of the
+style a generated image carries is one number.
+
+- `sepia` (the demo's style): a brown monochrome colour grade. Detector: the share of pixels that lie on
+  the sepia colour line (training images: 1.0). The tiny VAE draws colours faithfully, so this style can
+  be learned and seen.
+- `striped`: diagonal dark bands with an 8-pixel period. Detector: brightness off the bands minus on them,
+  relative to the mean (striped images about 0.76). The tiny VAE (8x8 latents) smooths such fine textures
+  away, which the model card measures; it stays here as the texture probe.
 """
 from __future__ import annotations
 
@@ -73,22 +78,49 @@ def stripe_score(image: np.ndarray) -> float:
     return float((luma[~bands].mean() - luma[bands].mean()) / (luma.mean() + 1.0))
 
 
+SEPIA_TINT = np.array([112.0, 66.0, 20.0]) / np.linalg.norm([112.0, 66.0, 20.0])  # unit RGB direction
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def sepia(image: np.ndarray) -> np.ndarray:
+    """Brown monochrome: each pixel's luma along the sepia tint, dimmed to 65% so that no channel clips."""
+    luma = image.astype(np.float32) @ LUMA
+    out = luma[..., None] * (SEPIA_TINT / float(SEPIA_TINT @ LUMA)) * 0.65
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def sepia_score(image: np.ndarray, tolerance: float = 20.0) -> float:
+    """Share of pixels within `tolerance` (RGB units) of the sepia colour line."""
+    x = image.astype(np.float32)
+    along = x @ SEPIA_TINT
+    distance = np.linalg.norm(x - along[..., None] * SEPIA_TINT, axis=2)
+    return float((distance < tolerance).mean())
+
+
+STYLES = {"sepia": (sepia, sepia_score), "striped": (striped, stripe_score)}
+
+
+def style_score(style: str, image: np.ndarray) -> float:
+    return STYLES[style][1](image)
+
+
 def write_style_dataset(folder: str | Path, count: int = 8, repeats: int = 4, seed: int = 0,
-                        trigger: str = "striped") -> Path:
-    """kohya layout: `folder/{repeats}_{trigger}/NNN.png` + `.txt` captions '<scene caption>, <trigger>'.
+                        style: str = "sepia") -> Path:
+    """kohya layout: `folder/{repeats}_{style}/NNN.png` + `.txt` captions '<scene caption>, <style>'.
     Returns the folder to pass as train_data_dir."""
     rng = random.Random(seed)
-    subset = Path(folder) / f"{repeats}_{trigger}"
+    subset = Path(folder) / f"{repeats}_{style}"
     subset.mkdir(parents=True, exist_ok=True)
     scenes = shapes.training_scenes()
+    transform = STYLES[style][0]
     for i in range(count):
         scene = rng.choice(scenes)
-        Image.fromarray(striped(shapes.render(scene, rng))).save(subset / f"{i:03d}.png")
-        (subset / f"{i:03d}.txt").write_text(f"{scene.caption}, {trigger}\n", encoding="utf-8")
+        Image.fromarray(transform(shapes.render(scene, rng))).save(subset / f"{i:03d}.png")
+        (subset / f"{i:03d}.txt").write_text(f"{scene.caption}, {style}\n", encoding="utf-8")
     return Path(folder)
 
 
-def style_prompts(count: int = 4, seed: int = 1, trigger: str = "striped") -> list[str]:
+def style_prompts(count: int = 4, seed: int = 1, trigger: str = "sepia") -> list[str]:
     """Prompts in the trained style (held-out scenes), for samples and grids."""
     rng = random.Random(seed)
     return [f"{rng.choice(shapes.training_scenes()).caption}, {trigger}" for _ in range(count)]

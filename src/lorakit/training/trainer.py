@@ -45,6 +45,16 @@ class TrainResult:
     is_main: bool = True  # False on the other processes of a multi-process run
 
 
+@dataclass
+class RunState:
+    """What one run() carries between its steps (one object instead of many arguments)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    progress: Progress
+    monitor: Monitor | None
+    result: TrainResult
+
+
 def derived_seed(*parts) -> int:
     """A 63-bit seed from the run seed and a position (epoch, micro-batch, process): order-independent draws."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
@@ -155,10 +165,10 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train(), self.network.train()
-        monitor = Monitor(self.out / f"{cfg.output_name}-history.json", cfg.logging_dir if self.procs.is_main
-                          else None, resume_step=progress.step) if self.procs.is_main else None
+        monitor = Monitor(self.out / f"{cfg.output_name}-history.json", cfg.logging_dir,
+                          resume_step=progress.step) if self.procs.is_main else None
         result = TrainResult(losses=list(progress.losses), steps=progress.step, is_main=self.procs.is_main)
-        self.run_state = (optimizer, scheduler, progress, monitor, result, start)
+        self.run_state = RunState(optimizer, scheduler, progress, monitor, result)
         with StopRequest() as stop, tqdm(total=total, initial=progress.step, desc="training", unit="step",
                                          disable=not self.procs.is_main) as bar:
             while progress.step < total:
@@ -174,7 +184,9 @@ class Trainer:
 
     def _epoch(self, cache: LatentCache, total: int, stop: StopRequest, bar) -> None:
         cfg = self.config
-        optimizer, scheduler, progress, monitor, result, _ = self.run_state
+        run = self.run_state
+        optimizer, scheduler, progress, monitor, result = (run.optimizer, run.scheduler, run.progress, run.monitor,
+                                                           run.result)
         accumulate = cfg.gradient_accumulation_steps
         params = [p for group in optimizer.param_groups for p in group["params"]]
         plan, group_losses = self.epoch_plan(progress.epoch), []
@@ -213,7 +225,8 @@ class Trainer:
         progress.epoch, progress.batch = progress.epoch + 1, 0
 
     def end_of_epoch(self, progress: Progress, total: int) -> None:
-        cfg, (optimizer, scheduler, _, monitor, result, _) = self.config, self.run_state
+        cfg, run = self.config, self.run_state
+        optimizer, scheduler, monitor, result = run.optimizer, run.scheduler, run.monitor, run.result
         if monitor:
             monitor.norms(progress.step, progress.epoch, self.network.delta_norms())
         if progress.step >= total:
@@ -243,19 +256,19 @@ class Trainer:
     def sample(self, stem: str, progress: Progress) -> None:
         if self.procs.is_main:
             paths = render_samples(self.base.pipeline, self.network, self.prompts, self.out / "sample", stem)
-            self.run_state[4].samples.extend(paths)
-            if self.run_state[3]:
-                self.run_state[3].samples(progress.step, progress.epoch, paths)
+            self.run_state.result.samples.extend(paths)
+            if self.run_state.monitor:
+                self.run_state.monitor.samples(progress.step, progress.epoch, paths)
         self.procs.barrier()
 
     def interrupt(self, progress: Progress, signal_name: str) -> None:
-        optimizer, scheduler, _, monitor, _, _ = self.run_state
+        run = self.run_state
         stem = f"{self.config.output_name}-step{progress.step:06d}"
         path = self.save(stem, progress)
         if self.procs.is_main:
-            save_state(self.state_dir, self.network, optimizer, scheduler, progress, asdict(self.config))
-            if monitor:
-                monitor.close()
+            save_state(self.state_dir, self.network, run.optimizer, run.scheduler, progress, asdict(self.config))
+            if run.monitor:
+                run.monitor.close()
         raise TrainingInterrupted(f"{signal_name}: stopped after step {progress.step}; saved {path} and the "
                                   f"training state in {self.state_dir}. Continue with: lorakit train CONFIG "
                                   f"--resume {self.state_dir}", path, self.state_dir)
