@@ -133,7 +133,8 @@ def test_sweep_trains_every_variant_once_and_resumes(tiny_folder, images, tmp_pa
     second = variants(base, axes)[1]
     state_source = run_partially(base, second, tmp_path)
     summary = run_sweep(base, axes, tmp_path, plan)
-    assert trained == [("conv_dim-4", True)] and state_source.is_dir()
+    assert trained == [("conv_dim-4", True)]  # resumed from its epoch-1 state
+    assert not state_source.exists()  # a finished variant drops its resume state
     assert sorted(epoch_files(tmp_path / "conv_dim-4", "conv_dim-4")) == [1, 2]
     assert [e["name"] for e in summary["evaluations"]] == ["conv_dim-0", "conv_dim-4"]
     report = (tmp_path / "report.html").read_text()
@@ -197,3 +198,20 @@ def test_sweep_spreads_variants_over_several_devices(tiny_folder, images, tmp_pa
     for variant in chosen:
         done = json.loads((tmp_path / variant.name / "done.json").read_text())
         assert done["steps"] == 2 and done["settings"] == variant.settings
+
+
+def test_report_command_for_one_finished_run(tiny_folder, images, tmp_path, capsys):
+    from lorakit.cli import main
+    from lorakit.training.trainer import Trainer
+
+    from conftest import train_config
+
+    Trainer(train_config(tiny_folder, images, tmp_path, max_train_steps=None, max_train_epochs=2,
+                         save_every_n_epochs=1)).run()
+    out = tmp_path / "out"
+    assert main(["report", str(out), "--name", "t", "--prompt", "a red circle", "--unrelated", "a blue square",
+                 "--data", str(images), "--base", str(tiny_folder), "--seeds", "1", "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "best epoch" in printed and (out / "report.html").is_file()
+    page = (out / "report.html").read_text()
+    assert "lorakit run: t" in page and "training loss" in page and "‖ΔW‖ per block" in page

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lorakit.models import shapes
+from lorakit.models.pretrain import held_out_prompts
 from lorakit.models.tiny import build_components, embedded_model_dir
 from lorakit.surgery.blocks import SD_BLOCKS
 from lorakit.surgery.config import NetworkConfig
@@ -55,15 +56,18 @@ def test_embedded_weights_ship_and_follow_prompts():
     pipe.set_progress_bar_config(disable=True)
     size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
     assert size <= 20 * 1024 * 1024
-    prompts = ["a large red square on a white background, center", "a large blue circle on a yellow background, center"]
-    images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
-                  height=64, width=64, output_type="np").images
-    pixels = [(im * 255).round().astype(np.uint8) for im in images]
-    assert [shapes.judge(p)[1] for p in pixels] == ["square", "circle"]
-    backgrounds = [nearest_colour(np.median(np.concatenate([p[:2].reshape(-1, 3), p[-2:].reshape(-1, 3)]), 0))
-                   for p in pixels]
-    assert backgrounds == ["white", "yellow"]
-    # Shape colours are not reliable yet (see the model card: held-out colour accuracy 42%), so not asserted.
+    # held-out prompts, 4 seeds each: the model card's figures (colour 100%, shape 57% of 128 images) with margin
+    prompts = held_out_prompts(0)[:4]
+    images = pipe([p for p in prompts for _ in range(4)], num_inference_steps=20, guidance_scale=5.0,
+                  generator=torch.Generator().manual_seed(0), height=64, width=64, output_type="np").images
+    wanted = [shapes.Scene.parse(p) for p in prompts for _ in range(4)]
+    judged = [shapes.judge((im * 255).round().astype(np.uint8)) for im in images]
+    colour = np.mean([c == w.colour for (c, _), w in zip(judged, wanted)])
+    shape = np.mean([s == w.shape for (_, s), w in zip(judged, wanted)])
+    backgrounds = np.mean([nearest_colour(np.median(np.concatenate([p[:2].reshape(-1, 3), p[-2:].reshape(-1, 3)]), 0))
+                           == w.background for p, w in zip(((im * 255).round().astype(np.uint8) for im in images), wanted)])
+    assert colour >= 0.9 and backgrounds >= 0.9, (colour, backgrounds)
+    assert shape >= 0.35, shape
 
 
 def nearest_colour(rgb) -> str:

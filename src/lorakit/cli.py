@@ -95,6 +95,21 @@ def _cmd_sweep(args, extra: list[str]) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from lorakit.evaluation.runs import EvalPlan
+    from lorakit.evaluation.sweep import report_run
+
+    plan = EvalPlan(prompts=args.prompt, unrelated=args.unrelated, seeds=list(range(args.seeds)),
+                    steps=args.steps, size=args.size)
+    summary = report_run(args.run, args.name, plan, args.data, args.base, args.conv_dim)
+    e = summary["evaluations"][0]
+    print(f"best epoch {e['best_epoch']}: {e['best_why']}")
+    for v in e["verdicts"][e["best_epoch"]]:
+        print(f"  {v['line']}")
+    print(f"report: {summary['report']}")
+    return 0
+
+
 def add_evaluation_commands(sub) -> None:
     p = sub.add_parser("grid", help="X/Y/Z image grid from fixed prompts and seeds (PNG + cells + JSON)")
     p.add_argument("--prompt", required=True)
@@ -122,6 +137,18 @@ def add_evaluation_commands(sub) -> None:
     p.add_argument("--out", default="sweep")
     p.add_argument("--devices", help="e.g. cuda:0,cuda:1: variants are spread over them (default: one device)")
     p.set_defaults(func=_cmd_sweep, takes_extra=True)
+    p = sub.add_parser("report", help="measure, diagnose and write the HTML report of one finished training run")
+    p.add_argument("run", help="the run's output_dir")
+    p.add_argument("--name", default="lora", help="the run's output_name")
+    p.add_argument("--prompt", action="append", required=True, help="prompt in the trained concept/style")
+    p.add_argument("--unrelated", action="append", default=[], help="prompt the LoRA should leave alone")
+    p.add_argument("--data", required=True, help="the training images' folder (for fidelity)")
+    p.add_argument("--base", help="base model (default: the embedded tiny model)")
+    p.add_argument("--conv-dim", type=int, default=0, help="the run's conv_dim (picks the right remedy)")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--size", type=int, default=64)
+    p.set_defaults(func=_cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ class RunEvaluation:
     best_epoch: int
     best_why: str
     files: dict[int, str]
+    folder: str = ""  # where the run's files and history are
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -74,7 +75,7 @@ def data_stats(images: list[np.ndarray]) -> dict[str, float]:
 
 
 def evaluate_run(renderer: Renderer, files: dict[int, Path], plan: EvalPlan, data: list[np.ndarray],
-                 name: str = "run", conv_dim: int = 0, base: tuple | None = None) -> RunEvaluation:
+                 name: str = "run", conv_dim: int = 0, base: tuple | None = None, folder: str = "") -> RunEvaluation:
     """base: a (by_prompt, unrelated) base-model sample set to reuse across runs of a sweep."""
     base_set, base_unrelated = base or render_set(renderer, plan, "none")
     base_metrics = metrics.sample_set_metrics(base_set, data, base_unrelated, base_unrelated)
@@ -88,7 +89,7 @@ def evaluate_run(renderer: Renderer, files: dict[int, Path], plan: EvalPlan, dat
     renderer.close()
     best, why = diagnose.best_epoch(per_epoch, base_metrics, stats)
     return RunEvaluation(name, conv_dim, per_epoch, base_metrics, stats, verdicts, best, why,
-                         {e: str(p) for e, p in files.items()})
+                         {e: str(p) for e, p in files.items()}, folder)
 
 
 def load_history(run_dir: str | Path, output_name: str) -> dict:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.evaluation.runs import EvalPlan, RunEvaluation, epoch_files, evaluate_run, render_set, training_images
 from lorakit.evaluation.grid import Renderer
+from lorakit.evaluation.sweep_report import write_sweep_report
 from lorakit.formats.atomic import atomic_write
 from lorakit.training.config import FIELDS, ConfigError, build_config, did_you_mean
 from lorakit.training.trainer import Trainer
@@ -81,6 +83,7 @@ def train_variant(base: dict, variant: Variant, root: Path, device=None) -> Path
     summary = {"settings": variant.settings, "steps": result.steps, "seconds": result.seconds,
                "final_loss": result.losses[-1], "files": [str(p) for p in result.files]}
     atomic_write(folder / "done.json", json.dumps(summary, indent=1, default=str))
+    shutil.rmtree(state, ignore_errors=True)  # done: the resume state is no longer needed
     return folder
 
 
@@ -118,19 +121,44 @@ def run_sweep(base: dict, axes: list[tuple[str, list[str]]], root: str | Path, p
     return evaluate_sweep(base, chosen, root, plan)
 
 
+def dataset_images(base: dict, size: int) -> list:
+    """The training images of a config (folder or dataset TOML), for the fidelity metric."""
+    from lorakit.training.dataset import load_specs
+
+    source = base.get("dataset_config") or base.get("train_data_dir")
+    if not source:
+        raise ConfigError("the sweep config names no training data (train_data_dir or dataset_config)")
+    specs, _ = load_specs(source, str(base.get("caption_extension", ".txt")), size)
+    return [image for spec in specs for subset in spec.subsets for image in training_images(subset.image_dir, size)]
+
+
+def report_run(folder: str | Path, output_name: str, plan: EvalPlan, data_dir: str, base_model: str | None = None,
+               conv_dim: int = 0) -> dict:
+    """`lorakit report`: the same measurements, verdicts and HTML page for one finished training run."""
+    folder = Path(folder)
+    files = epoch_files(folder, output_name)
+    if not files:
+        raise ConfigError(f"{folder}: no {output_name}*.safetensors files (set --name to the run's output_name)")
+    renderer = Renderer(base_model)
+    data = training_images(data_dir, plan.size)
+    evaluation = evaluate_run(renderer, files, plan, data, output_name, conv_dim, folder=str(folder))
+    summary = {"evaluations": [evaluation.to_json()], "plan": plan.__dict__}
+    summary["report"] = str(write_sweep_report(folder, [Variant(output_name, {})], [evaluation], plan, renderer,
+                                               title=f"lorakit run: {output_name}"))
+    return summary
+
+
 def evaluate_sweep(base: dict, chosen: list[Variant], root: Path, plan: EvalPlan,
                    renderer: Renderer | None = None) -> dict:
-    from lorakit.evaluation.sweep_report import write_sweep_report
-
     renderer = renderer or Renderer(base.get("pretrained_model_name_or_path"))
-    data_dir = base.get("train_data_dir")
-    data = training_images(data_dir, plan.size) if data_dir else []
+    data = dataset_images(base, plan.size)
     base_set = render_set(renderer, plan, "none")
     evaluations: list[RunEvaluation] = []
     for variant in chosen:
         files = epoch_files(root / variant.name, variant.name)
         conv_dim = int(float(variant.settings.get("conv_dim", base.get("conv_dim", 0)) or 0))
-        evaluations.append(evaluate_run(renderer, files, plan, data, variant.name, conv_dim, base=base_set))
+        evaluations.append(evaluate_run(renderer, files, plan, data, variant.name, conv_dim, base=base_set,
+                                        folder=str(root / variant.name)))
     summary = {"variants": [v.__dict__ for v in chosen], "evaluations": [e.to_json() for e in evaluations],
                "plan": plan.__dict__}
     atomic_write(root / "sweep.json", json.dumps(summary, indent=1, default=str))

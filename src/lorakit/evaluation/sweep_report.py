@@ -35,7 +35,7 @@ def grids(root: Path, chosen, evaluations: list[RunEvaluation], plan: EvalPlan, 
             continue
         spec = GridSpec(cell, x=Axis("lora", ["none", *evaluation.files.values()]),
                         y=Axis("prompt", plan.prompts[:2]))
-        folder = root / evaluation.name / "grid_epochs"
+        folder = Path(evaluation.folder) / "grid_epochs"
         render_grid(renderer, spec, folder)
         pages.append(f"<h3>{html.escape(evaluation.name)}: epochs</h3>"
                      f'<img alt="{html.escape(evaluation.name)} epochs" src="{report.data_uri(folder / "grid.png")}">')
@@ -55,10 +55,10 @@ def metrics_rows(evaluations: list[RunEvaluation]) -> list[dict]:
     return rows
 
 
-def norm_charts(root: Path, evaluations: list[RunEvaluation]) -> str:
+def norm_charts(evaluations: list[RunEvaluation]) -> str:
     over_epochs, parts = {}, []
     for e in evaluations:
-        norms = load_history(root / e.name, e.name)["norms"]
+        norms = load_history(e.folder, e.name)["norms"]
         if not norms:
             continue
         for kind, label in (("linear", "attention"), ("conv", "conv")):
@@ -72,10 +72,10 @@ def norm_charts(root: Path, evaluations: list[RunEvaluation]) -> str:
 
 
 def write_sweep_report(root: Path, chosen, evaluations: list[RunEvaluation], plan: EvalPlan,
-                       renderer: Renderer) -> Path:
+                       renderer: Renderer, title: str | None = None) -> Path:
     settings = [{"variant": v.name, **{k: str(val) for k, val in v.settings.items()}} for v in chosen]
     keys = sorted({k for v in chosen for k in v.settings})
-    losses = {e.name: smoothed([(s["step"], s["loss"]) for s in load_history(root / e.name, e.name)["steps"]])
+    losses = {e.name: smoothed([(s["step"], s["loss"]) for s in load_history(e.folder, e.name)["steps"]])
               for e in evaluations}
     verdicts = []
     for e in evaluations:
@@ -90,6 +90,6 @@ def write_sweep_report(root: Path, chosen, evaluations: list[RunEvaluation], pla
                     "* = suggested epoch.</p>" + report.table(metrics_rows(evaluations),
                                                                  ["run", "epoch", *METRIC_COLUMNS, "verdict", "best"])),
         ("Loss (smoothed)", report.line_chart(losses, "training loss")),
-        ("What learns where: ‖ΔW‖ per block, attention vs conv", norm_charts(root, evaluations)),
+        ("What learns where: ‖ΔW‖ per block, attention vs conv", norm_charts(evaluations)),
     ]
-    return report.write_report(root / "report.html", f"lorakit sweep: {root.name}", sections)
+    return report.write_report(root / "report.html", title or f"lorakit sweep: {root.name}", sections)

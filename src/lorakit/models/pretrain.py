@@ -215,10 +215,10 @@ def write_model_card(out: Path, args, vae_loss: float, loss: float, minutes: flo
                      vae_eval: dict | None = None) -> None:
     size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     init = getattr(args, "init_from", None)
-    warm = (f" The U-Net and text encoder started from the previous release's weights (`--init-from`), so the "
+    warm = (f"\n  The U-Net and text encoder started from the previous release's weights (`--init-from`), so the "
             f"{minutes:.0f} minutes come on top of that model's own training." if init else "")
-    vae_line = (f"  VAE round trip on 200 fresh scenes: colour and shape kept for {vae_eval['roundtrip_accuracy']:.1%}, "
-                f"the demo's stripes kept at {vae_eval['stripe_kept']:.0%} of their contrast.\n" if vae_eval else "")
+    vae_line = (f"\n  VAE round trip on 200 fresh scenes: colour and shape kept for {vae_eval['roundtrip_accuracy']:.1%}, "
+                f"fine stripes (8-pixel period) kept at {vae_eval['stripe_kept']:.0%} of their contrast." if vae_eval else "")
     text = f"""# lorakit embedded tiny SD model
 
 A tiny Stable-Diffusion-style model with SD1.5's U-Net block topology (25 blocks IN00..OUT11), for tests,
@@ -233,8 +233,7 @@ the real CLIP tokenizer. Weights: fp16 safetensors, {size / 1e6:.1f} MB.
   steps at batch 16 on the shapes, half of them under random textures (stripes, lines, checks) so LoRA styles
   can be drawn, foreground-weighted MSE (final {vae_loss:.4f}); U-Net + text encoder {args.steps} steps at batch
   {args.batch} on untextured shapes only, AdamW 1e-3 one-cycle, min-SNR-5, 10% caption dropout, EMA 0.999
-  (final smoothed loss {loss:.4f}).{warm}
-{vae_line}
+  (final smoothed loss {loss:.4f}).{warm}{vae_line}
 - **Prompt following, measured** on the held-out prompts ({result['images']} images: {len(result['per_prompt'])}
   prompts x 8 seeds, DDIM {result['steps']} steps, CFG {result['guidance']}; colour and shape judged by
   `lorakit.models.shapes.judge`): **{result['accuracy']:.1%}** colour and shape both right
