@@ -23,8 +23,9 @@ def test_inspect_reports_algorithms_ranks_blocks_and_hash(tiny_sd1, tmp_path, ca
     report = json.loads(capsys.readouterr().out)
     assert report["algorithms"] == {"lora": len(net.adapters)}
     assert report["hash"]["matches"] is True and report["dtypes"]["bfloat16"] == 2 * len(net.adapters)
-    assert report["blocks"]["IN00"] == {"linear": 0, "conv": 0}
-    assert report["blocks"]["IN03"] == {"linear": 0, "conv": 1}  # the downsampler
+    assert report["blocks"]["IN00"] == {"linear": 0, "conv": 0, "norm_linear": 0.0, "norm_conv": 0.0}
+    in03 = report["blocks"]["IN03"]  # the downsampler: one conv module with a non-zero ΔW
+    assert (in03["linear"], in03["conv"], in03["norm_linear"]) == (0, 1, 0.0) and in03["norm_conv"] > 0
     assert report["blocks"]["TE00"]["linear"] == 6
     conv = [m for m in report["modules"] if m["kind"] == "conv3x3"]
     assert conv and all(m["rank"] == 4 and m["scale"] == 0.5 for m in conv)
