@@ -52,3 +52,17 @@ def test_train_cli_checks_config_before_loading(tiny_folder, images, tmp_path, c
     assert "saved" in capsys.readouterr().out and (tmp_path / "cli" / "lora.safetensors").is_file()
     assert main(["train", str(toml), "--netwrok_dim", "4"]) == 2
     assert "did you mean 'network_dim'" in capsys.readouterr().err
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train_only_the_adapters(tiny_folder, images, tmp_path):
+    import torch
+
+    cfg = config(tiny_folder, images, tmp_path, mixed_precision="bf16", gradient_checkpointing=True,
+                 conv_dim=4, conv_alpha=2, max_train_steps=3)
+    trainer = Trainer(cfg)
+    frozen = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    start = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    result = trainer.run()
+    assert result.steps == 3 and np.all(np.isfinite(result.losses))
+    assert all(torch.equal(frozen[k], v) for k, v in trainer.unet.state_dict().items())
+    assert any(not torch.equal(start[k], v) for k, v in trainer.network.state_dict().items())
