@@ -257,3 +257,14 @@ def test_auto_mode_picks_bypass_for_big_spatial_and_merged_for_loha():
     assert adapter._choose_mode(x) == "bypass"
     layer, loha = make("conv3x3_s1", "loha", torch.float32)
     assert loha._choose_mode(x) == "merged"
+
+
+def test_svd_of_product_equals_the_dense_svd_in_float64():
+    from lorakit.adapters.functional.lora import svd_of_product
+
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(6, 90, generator=g, dtype=torch.float64)
+    u, s, vh = svd_of_product(up, down)
+    dense = torch.linalg.svdvals(up @ down)
+    torch.testing.assert_close(s, dense[:6])
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, up @ down)

@@ -62,7 +62,9 @@ def _cmd_grid(args) -> int:
                 lora=args.lora[0] if len(args.lora) == 1 else "none")
     axes = [Axis.parse(a) if a else None for a in (args.x, args.y, args.z)]
     if len(args.lora) > 1 and not any(a and a.name == "lora" for a in axes):
-        axes[axes.index(None) if None in axes else 2] = Axis("lora", args.lora)
+        if None not in axes:
+            raise ValueError("several --lora files make a lora axis, but --x, --y and --z are all taken")
+        axes[axes.index(None)] = Axis("lora", args.lora)
     if not args.no_baseline:
         axes = [with_baseline(a) if a else None for a in axes]
     if axes[0] is None:

@@ -48,8 +48,8 @@ def run_demo(output: str | Path = "lorakit-demo", epochs: int = 6, seeds: int = 
     plan = EvalPlan(prompts=styles.style_prompts(3), unrelated=styles.unrelated_prompts(2),
                     seeds=list(range(seeds)), steps=12, cfg=5.0)
     axes = [("conv_dim", ["0", "8"]), ("conv_alpha", ["4"])]
-    summary = run_sweep(demo_settings(data, epochs), axes, out / "sweep", plan)
-    renderer = Renderer()
+    renderer = Renderer()  # one loaded pipeline for the sweep's evaluation and the style scores
+    summary = run_sweep(demo_settings(data, epochs), axes, out / "sweep", plan, renderer=renderer)
     finals = {e["name"]: e["files"][max(e["files"])] for e in summary["evaluations"]}  # keys: epochs
     scores = style_scores(renderer, list(finals.values()), plan)
     summary["style_score"] = scores

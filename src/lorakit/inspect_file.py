@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.functional import lokr as F_lokr
-from lorakit.formats.kohya import KeyProblem, group_by_module, parse_module
+from lorakit.adapters.functional import lora as F_lora
+from lorakit.formats.kohya import KeyProblem, file_family, group_by_module, parse_module
 from lorakit.formats.safetensors_io import LoraFileError, file_data_hash, read_header, read_safetensors
-from lorakit.surgery.blocks import SD_BLOCKS, SDXL_BLOCKS, block_of_kohya_name, family_of_kohya_names
+from lorakit.surgery.blocks import SD_BLOCKS, SDXL_BLOCKS, block_of_kohya_name
 from lorakit.surgery.targets import te_block_label
 
 # kohya names of kxk convs, for layouts that flatten the kernel (LoHa, factorised LoKr)
@@ -33,7 +34,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
         groups = group_by_module(tensors)
     except KeyError as e:
         raise LoraFileError(path, "key has no '<module>.<tensor>' form", str(e.args[0])) from None
-    family = _family(metadata, list(groups))
+    family = file_family(metadata, list(groups))
     modules = []
     for name, suffixed in sorted(groups.items()):
         try:
@@ -94,17 +95,6 @@ def format_checkpoint_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _family(metadata: dict[str, str], names: list[str]) -> str:
-    version = metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl"):
-        return "sdxl"
-    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
-        return "sd2"
-    if version.startswith("sd_v1"):
-        return "sd1"
-    return family_of_kohya_names(names)
-
-
 def _describe(parsed, family: str) -> dict:
     w, name, algo = parsed.weights, parsed.name, parsed.algo.name
     if algo == "lora":
@@ -132,13 +122,13 @@ def _describe(parsed, family: str) -> dict:
 @torch.no_grad()
 def _delta_stats(parsed, scale: float) -> tuple[float | None, int | None]:
     """‖ΔW‖_F and the effective rank (singular values holding 99% of ‖ΔW‖²), without forming big matrices
-    where the factors allow: for LoRA, the singular values of up·down are those of R_up·R_downᵀ (QR)."""
+    where the factors allow (LoRA: the SVD comes from the factors, see functional.lora.svd_of_product)."""
     w, algo = {k: v.double() for k, v in parsed.weights.items()}, parsed.algo.name
     if any(k in w for k in ("mid", "t1", "t2")):
         return None, None
     if algo == "lora":
         up, down = w["up"].reshape(w["up"].shape[0], -1), w["down"].reshape(w["down"].shape[0], -1)
-        s = torch.linalg.svdvals(torch.linalg.qr(up).R @ torch.linalg.qr(down.T).R.T) * abs(scale)
+        s = F_lora.svd_of_product(up, down)[1] * abs(scale)
         energy = torch.cumsum(s ** 2, 0) / max(float((s ** 2).sum()), 1e-300)
         return float(s.pow(2).sum().sqrt()), int((energy < 0.99).sum()) + 1
     if algo == "loha":

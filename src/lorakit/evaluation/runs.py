@@ -7,7 +7,7 @@ seeds, steps and CFG. Every image is rendered one at a time from (prompt, seed),
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +63,9 @@ def training_images(folder: str | Path, size: int) -> list[np.ndarray]:
 
 def render_set(renderer: Renderer, plan: EvalPlan, lora: str) -> tuple[dict[str, list], list]:
     cell = Cell(prompt="", lora=lora, steps=plan.steps, cfg=plan.cfg, width=plan.size, height=plan.size)
-    by_prompt = {p: [renderer.image(Cell(**{**cell.__dict__, "prompt": p, "seed": s})) for s in plan.seeds]
+    by_prompt = {p: [renderer.image(replace(cell, prompt=p, seed=s)) for s in plan.seeds]
                  for p in plan.prompts}
-    unrelated = [renderer.image(Cell(**{**cell.__dict__, "prompt": p, "seed": s}))
+    unrelated = [renderer.image(replace(cell, prompt=p, seed=s))
                  for p in plan.unrelated for s in plan.seeds]
     return by_prompt, unrelated
 

@@ -108,7 +108,7 @@ def train_spread(base: dict, chosen: list[Variant], root: Path, devices: list[st
 
 
 def run_sweep(base: dict, axes: list[tuple[str, list[str]]], root: str | Path, plan: EvalPlan,
-              devices: list[str] | None = None) -> dict:
+              devices: list[str] | None = None, renderer: Renderer | None = None) -> dict:
     """Train every variant (spread over `devices` when there are several), then evaluate and report."""
     root = Path(root)
     chosen = variants(base, axes)
@@ -118,7 +118,7 @@ def run_sweep(base: dict, axes: list[tuple[str, list[str]]], root: str | Path, p
         train_spread(base, chosen, root, devices)
     else:
         train_in_turn(base, chosen, root, devices[0] if devices else None)
-    return evaluate_sweep(base, chosen, root, plan)
+    return evaluate_sweep(base, chosen, root, plan, renderer)
 
 
 def dataset_images(base: dict, size: int) -> list:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.adapters.registry import Algorithm, algorithms, detect_algorithm
+from lorakit.surgery.blocks import family_of_kohya_names
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -111,3 +112,15 @@ def build_metadata(family: str, network_dim: int | str, network_alpha: float | s
     }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta
+
+
+def file_family(metadata: dict[str, str], names) -> str:
+    """Base family of a LoRA file: from ss_base_model_version / ss_v2 when written, else from module names."""
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
+        return "sd2"
+    if version.startswith("sd_v1"):
+        return "sd1"
+    return family_of_kohya_names(list(names))

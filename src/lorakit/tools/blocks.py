@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from lorakit.formats.kohya import file_family
 from lorakit.surgery.blocks import block_of_kohya_name
-from lorakit.tools.lora_files import check_output, family_of, read_modules, write_result
+from lorakit.tools.lora_files import check_output, read_modules, write_result
 from lorakit.tools.lowrank import ToolError
 
 SD_26 = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
@@ -63,7 +64,7 @@ def lbw_block(module: str, family: str) -> str | None:
 def apply_block_weights(src: str | os.PathLike, out: str | os.PathLike, weights: str) -> tuple[Path, dict]:
     out = check_output(out, src)
     modules, metadata = read_modules(src)
-    family = family_of(metadata, modules)
+    family = file_family(metadata, modules)
     table = parse_weights(weights, family)
     tensors, counts = {}, {"scaled": 0, "removed": 0, "kept": 0}
     for name, parsed in modules.items():

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from lorakit.formats.safetensors_io import read_safetensors
+from lorakit.formats.kohya import file_family
+from lorakit.formats.safetensors_io import read_header, read_safetensors
 from lorakit.models.configs import build_text_encoders, build_unet
 from lorakit.surgery.targets import all_named_layers
-from lorakit.tools.lora_files import DTYPES, check_output, family_of, read_modules, write_result
+from lorakit.tools.lora_files import DTYPES, check_output, read_modules, write_result
 from lorakit.tools.lowrank import ToolError, from_parsed
 
 TE_ROOTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
@@ -78,13 +79,14 @@ def diffusers_to_kohya(src, family: str) -> tuple[dict[str, torch.Tensor], dict[
 def convert_file(src: str | os.PathLike, out: str | os.PathLike, to: str | None = None,
                  precision: str | None = None, family: str | None = None) -> Path:
     out = check_output(out, src)
-    keys = list(read_safetensors(src)[0])
+    header, file_metadata, _ = read_header(src)  # keys and metadata without loading tensors
+    keys = list(header)
     layout = detect_layout(keys)
     to = to or layout
     if to not in ("kohya", "diffusers"):
         raise ToolError(f"--to {to!r}: choose kohya or diffusers")
     if family is None:
-        family = family_of(read_safetensors(src)[1], [k.split(".")[0] for k in keys])
+        family = file_family(file_metadata, [k.split(".")[0] for k in keys])
         if layout == "diffusers" and any(k.startswith("text_encoder_2.") for k in keys):
             family = "sdxl"
     if layout == to:

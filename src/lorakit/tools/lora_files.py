@@ -36,14 +36,6 @@ def read_modules(path: str | os.PathLike) -> tuple[dict[str, ModuleTensors], dic
     return modules, metadata
 
 
-def family_of(metadata: dict[str, str], names) -> str:
-    version = metadata.get("ss_base_model_version", "")
-    if "sdxl" in version or any(n.startswith(("lora_te1_", "lora_te2_")) for n in names) or \
-            any("input_blocks" in n or "output_blocks" in n for n in names):
-        return "sdxl"
-    return "sd2" if metadata.get("ss_v2") == "True" or "v2" in version else "sd1"
-
-
 def check_output(out: str | os.PathLike, *inputs) -> Path:
     out = Path(out)
     if out.suffix != ".safetensors":

@@ -40,6 +40,17 @@ class LowRank:
     def is_conv(self) -> bool:
         return self.down.dim() == 4
 
+    @property
+    def weight_shape(self) -> tuple:
+        """The adapted layer's weight shape: (out, in) or (out, in, kh, kw)."""
+        return (self.up.shape[0], *self.down.shape[1:]) if self.mid is None else \
+            (self.up.shape[0], self.down.shape[1], *self.mid.shape[2:])
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale·up (out, r), down (r, in·kh·kw)) in float64; not for Tucker modules."""
+        return (self.up.double().reshape(self.up.shape[0], -1) * self.scale,
+                self.down.double().reshape(self.rank, -1))
+
     def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """ΔW in the layer's weight layout: (out, in) or (out, in, kh, kw)."""
         down, up = self.down.to(dtype), self.up.to(dtype)
@@ -91,10 +102,20 @@ def choose_rank(s: torch.Tensor, rank: int, method: str | None = None, param: fl
 
 def factorize(name: str, delta: torch.Tensor, rank: int, method: str | None = None,
               param: float | None = None) -> tuple[LowRank, float]:
-    """Best rank-r LoRA of ΔW (alpha = rank, so scale 1) and the share of ‖ΔW‖² it keeps."""
-    shape = delta.shape
-    flat = delta.double().reshape(shape[0], -1)
-    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    """Best rank-r LoRA of a dense ΔW (alpha = rank, so scale 1) and the share of ‖ΔW‖² it keeps."""
+    u, s, vh = torch.linalg.svd(delta.double().reshape(delta.shape[0], -1), full_matrices=False)
+    return _truncate(name, u, s, vh, delta.shape, rank, method, param)
+
+
+def factorize_factors(name: str, up: torch.Tensor, down: torch.Tensor, shape: tuple, rank: int,
+                      method: str | None = None, param: float | None = None) -> tuple[LowRank, float]:
+    """The same for ΔW = up (out, R) @ down (R, in·kh·kw) given as factors (scale folded into up): the SVD
+    comes from the factors, so resizing or merging big LoRAs never builds a dense (out, in·kh·kw) matrix."""
+    u, s, vh = lora_math.svd_of_product(up.double(), down.double())
+    return _truncate(name, u, s, vh, shape, rank, method, param)
+
+
+def _truncate(name, u, s, vh, shape, rank, method, param) -> tuple[LowRank, float]:
     keep = choose_rank(s, rank, method, param)
     root = s[:keep].sqrt()
     up, down = u[:, :keep] * root, root[:, None] * vh[:keep]  # balanced: both factors carry sqrt(S)

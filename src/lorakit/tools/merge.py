@@ -16,19 +16,19 @@ import torch
 from lorakit.formats.files import load_network_file
 from lorakit.models.checkpoint import load_base_model, save_single_file
 from lorakit.tools.lora_files import DTYPES, check_output, read_modules, write_result
-from lorakit.tools.lowrank import LowRank, ToolError, factorize, from_parsed
+from lorakit.tools.lowrank import LowRank, ToolError, factorize, factorize_factors, from_parsed
 
 
 def parse_inputs(items: list[str]) -> list[tuple[str, float]]:
-    """`file.safetensors` or `file.safetensors:0.7` -> (path, ratio)."""
+    """`file.safetensors` or `file.safetensors:0.7` -> (path, ratio); a ':' not followed by a number is
+    part of the path."""
     out = []
     for item in items:
         path, sep, ratio = item.rpartition(":")
-        if sep and path and not ratio.replace(".", "", 1).replace("-", "", 1).isdigit():
-            path, ratio = item, ""  # a ':' in the path itself
-        elif not sep:
-            path, ratio = item, ""
-        out.append((path, float(ratio) if ratio else 1.0))
+        try:
+            out.append((path, float(ratio)) if sep and path else (item, 1.0))
+        except ValueError:
+            out.append((item, 1.0))
     return out
 
 
@@ -65,21 +65,26 @@ def merge_loras(inputs: list[tuple[str, float]], out: str | os.PathLike, mode: s
 
 
 def _merge_module(name, parts, mode, rank, conv_rank) -> LowRank:
-    first = parts[0][0]
-    if mode == "svd" or any(m.mid is not None for m, _ in parts):
-        delta = sum(m.delta() * r for m, r in parts)
-        is_3x3 = delta.dim() == 4 and tuple(delta.shape[2:]) != (1, 1)
-        full = min(delta.shape[0], delta[0].numel())
-        cap = (conv_rank or rank or full) if is_3x3 else (rank or full)
-        return factorize(name, delta, cap if mode == "svd" else sum(m.rank for m, _ in parts))[0]
-    if mode != "concat":
+    if mode not in ("concat", "svd"):
         raise ToolError(f"merge mode {mode!r}: use concat (exact) or svd (to --rank)")
+    first = parts[0][0]
+    shape = first.weight_shape
+    is_3x3 = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+    total = sum(m.rank for m, _ in parts)
+    cap = (conv_rank or rank or total) if is_3x3 else (rank or total)
+    if any(m.mid is not None for m, _ in parts):  # Tucker cores: sum the dense ΔWs, then factorise
+        delta = sum(m.delta() * r for m, r in parts)
+        return factorize(name, delta, cap if mode == "svd" else total)[0]
+    if mode == "svd":  # the stacked factors are an exact factorisation of the sum: SVD from them
+        factors = [(m.factors(), ratio) for m, ratio in parts]
+        up = torch.cat([scaled_up * ratio for (scaled_up, _), ratio in factors], 1)
+        down = torch.cat([down for (_, down), _ in factors], 0)
+        return factorize_factors(name, up, down, shape, cap)[0]
     downs, ups = [], []
     for module, ratio in parts:
         module = _same_layout(module, first)
         downs.append(module.down.float())
         ups.append(module.up.float() * (module.scale * ratio))
-    total = sum(d.shape[0] for d in downs)
     return LowRank(name, torch.cat(downs, 0), torch.cat(ups, 1), float(total))
 
 

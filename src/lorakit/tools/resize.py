@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from lorakit.tools.lora_files import DTYPES, check_output, read_modules, write_result
-from lorakit.tools.lowrank import factorize, from_parsed
+from lorakit.tools.lowrank import factorize, factorize_factors, from_parsed
 
 
 @dataclass
@@ -41,7 +41,11 @@ def resize_file(src: str | os.PathLike, out: str | os.PathLike, rank: int | None
     for name, parsed in modules.items():
         module = from_parsed(parsed, str(src))
         is_3x3 = (module.is_conv and tuple(module.down.shape[2:]) != (1, 1)) or module.mid is not None
-        new, retained = factorize(name, module.delta(), conv_cap if is_3x3 else cap, method, param)
+        cap_here = conv_cap if is_3x3 else cap
+        if module.mid is None:
+            new, retained = factorize_factors(name, *module.factors(), module.weight_shape, cap_here, method, param)
+        else:  # Tucker core: rebuild ΔW, then factorise it as plain LoCon
+            new, retained = factorize(name, module.delta(), cap_here, method, param)
         tensors.update(new.tensors(module.down.dtype))
         report.modules.append({"name": name, "kind": "conv" if is_3x3 else "linear", "old_rank": module.rank,
                                "new_rank": new.rank, "retained": retained})

@@ -79,10 +79,14 @@ class DiskCache:
         for tensor in vae.state_dict().values():  # the weights themselves: a retrained VAE gets new files
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
         self.folder = Path(folder) / digest.hexdigest()[:16]
+        self._paths: dict[tuple, Path] = {}
 
     def path(self, item: ImageItem) -> Path:
-        image = hashlib.sha256(Path(item.path).read_bytes()).hexdigest()[:32]
-        return self.folder / f"{image}_{item.bucket[0]}x{item.bucket[1]}.safetensors"
+        key = (str(item.path), item.bucket)
+        if key not in self._paths:  # hashing an image once, though load() and save() both ask
+            image = hashlib.sha256(Path(item.path).read_bytes()).hexdigest()[:32]
+            self._paths[key] = self.folder / f"{image}_{item.bucket[0]}x{item.bucket[1]}.safetensors"
+        return self._paths[key]
 
     def load(self, item: ImageItem, i: int, latents: list, flipped: list) -> bool:
         path = self.path(item)
