@@ -21,6 +21,7 @@ LAYERS = [
     ("lorakit.demo", 8),
     ("lorakit.cli", 9),
     ("lorakit.cli_tools", 9),
+    ("lorakit.gui", 9),  # the web GUI: a face on the API; only the CLI starts it
 ]
 
 

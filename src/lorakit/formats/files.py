@@ -33,17 +33,23 @@ def save_network(network: LoraNetwork, path: str | os.PathLike, dtype: torch.dty
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRA files are written as .safetensors")
     tensors = network_tensors(network, dtype)
-    cfg = network.config
-    algo = cfg.algo if cfg else next(iter(network.adapters.values())).algo
-    dim = cfg.network_dim if cfg else "Dynamic"
-    alpha = float(cfg.network_alpha) if cfg else "Dynamic"
-    args = cfg.network_args() if cfg else {"algo": algo}
-    meta = build_metadata(network.family, dim, alpha, args, title or path.stem, algo, v_prediction, metadata)
+    meta = network_metadata(network, title or path.stem, v_prediction, metadata)
     digest = tensor_data_hash(tensors)  # the data region does not depend on the metadata
     meta["sshs_model_hash"] = digest
     meta["modelspec.hash_sha256"] = "0x" + digest
     write_safetensors(path, tensors, meta)
     return path
+
+
+def network_metadata(network: LoraNetwork, title: str, v_prediction: bool = False,
+                     metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """The ss_*/modelspec.* metadata save_network writes (before the two hash keys)."""
+    cfg = network.config
+    algo = cfg.algo if cfg else next(iter(network.adapters.values())).algo
+    dim = cfg.network_dim if cfg else "Dynamic"
+    alpha = float(cfg.network_alpha) if cfg else "Dynamic"
+    args = cfg.network_args() if cfg else {"algo": algo}
+    return build_metadata(network.family, dim, alpha, args, title, algo, v_prediction, metadata)
 
 
 @dataclass

@@ -3,23 +3,28 @@
 TensorBoard (when `logging_dir` is set): loss, learning rate per group, and per block the norm of ΔW split
 into attention/linear and conv layers (`dW_attention/IN04`, `dW_conv/OUT03`), the numbers that say which
 part learns and which bakes in. The history file (`{output_name}-history.json`) keeps the same numbers for
-lorakit's own report and diagnostics; it is rewritten atomically at each epoch end.
+lorakit's own report and diagnostics; it is rewritten atomically at each epoch end and, while steps run, at
+most every `flush_every_s` seconds, so a watcher (the GUI) sees live progress against `total_steps`.
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from lorakit.formats.atomic import atomic_write
 
 
 class Monitor:
-    def __init__(self, history_path: str | Path, logging_dir: str | Path | None = None, resume_step: int = 0):
+    def __init__(self, history_path: str | Path, logging_dir: str | Path | None = None, resume_step: int = 0,
+                 total_steps: int | None = None, flush_every_s: float = 2.0):
         self.path = Path(history_path)
         self.history = {"steps": [], "norms": [], "samples": []}
         if resume_step and self.path.is_file():  # keep what happened before the interruption, drop the rest
             old = json.loads(self.path.read_text())
             self.history = {key: [e for e in old.get(key, []) if e["step"] <= resume_step] for key in self.history}
+        self.history["total_steps"] = total_steps
+        self.flush_every_s, self._flushed_at = flush_every_s, time.monotonic()
         self.writer = None
         if logging_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -32,6 +37,8 @@ class Monitor:
             self.writer.add_scalar("loss/current", loss, step)
             for name, lr in lrs.items():
                 self.writer.add_scalar(f"lr/{name}", lr, step)
+        if time.monotonic() - self._flushed_at >= self.flush_every_s:
+            self.flush()
 
     def norms(self, step: int, epoch: int, norms: dict[str, dict[str, float]]) -> None:
         """norms: block -> {"linear": ‖ΔW‖, "conv": ‖ΔW‖} (LoraNetwork.delta_norms)."""
@@ -47,6 +54,7 @@ class Monitor:
 
     def flush(self) -> None:
         atomic_write(self.path, json.dumps(self.history, indent=1))
+        self._flushed_at = time.monotonic()
         if self.writer:
             self.writer.flush()
 

@@ -166,7 +166,7 @@ class Trainer:
             self.unet.enable_gradient_checkpointing()
         self.unet.train(), self.network.train()
         monitor = Monitor(self.out / f"{cfg.output_name}-history.json", cfg.logging_dir,
-                          resume_step=progress.step) if self.procs.is_main else None
+                          resume_step=progress.step, total_steps=total) if self.procs.is_main else None
         result = TrainResult(losses=list(progress.losses), steps=progress.step, is_main=self.procs.is_main)
         self.run_state = RunState(optimizer, scheduler, progress, monitor, result)
         with StopRequest() as stop, tqdm(total=total, initial=progress.step, desc="training", unit="step",
