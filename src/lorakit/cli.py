@@ -112,6 +112,24 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_gui(args) -> int:
+    from lorakit.gui.server import serve
+
+    serve(args.host, args.port, args.root, args.auth, args.allow_unauthenticated_remote)
+    return 0
+
+
+def add_gui_command(sub) -> None:
+    p = sub.add_parser("gui", help="the web GUI (Gradio) on 127.0.0.1: training form, live run, evaluation, tools")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (another than loopback needs --auth)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--root", action="append", help="folder the GUI may read and write (repeatable; default: .)")
+    p.add_argument("--auth", help="user:password login (or set LORAKIT_GUI_AUTH, kept out of the process list)")
+    p.add_argument("--allow-unauthenticated-remote", action="store_true",
+                   help="serve a non-loopback host without a login (only on a trusted network)")
+    p.set_defaults(func=_cmd_gui)
+
+
 def add_evaluation_commands(sub) -> None:
     p = sub.add_parser("grid", help="X/Y/Z image grid from fixed prompts and seeds (PNG + cells + JSON)")
     p.add_argument("--prompt", required=True)
@@ -176,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt in the evaluation")
     p.set_defaults(func=_cmd_demo)
     add_evaluation_commands(sub)
+    add_gui_command(sub)
     from lorakit.cli_tools import add_tool_commands
 
     add_tool_commands(sub)

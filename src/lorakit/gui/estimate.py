@@ -34,6 +34,7 @@ class BaseArchitecture:
     family: str
     source: str
     conv_layers: int  # kxk convs LoCon/LoHa/LoKr can adapt
+    block_names: tuple[str, ...]  # the order of block_dims values
 
 
 @dataclass
@@ -92,7 +93,8 @@ def base_architecture(model: str = "") -> BaseArchitecture:
     else:
         raise FileNotFoundError(f"{model}: no such file or folder")
     conv = sum(1 for t in find_targets(unet, [], True) if t.is_kxk_conv)
-    return BaseArchitecture(unet, encoders, UNetLayout.of(unet).family, str(path), conv)
+    layout = UNetLayout.of(unet)
+    return BaseArchitecture(unet, encoders, layout.family, str(path), conv, layout.block_names)
 
 
 def _file_bytes(network: LoraNetwork, save_precision: str, title: str) -> int:

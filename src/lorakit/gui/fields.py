@@ -115,3 +115,21 @@ def preset_values(name: str) -> tuple[dict[str, object], str]:
     if not values.get("conv_dim"):
         values["conv_alpha"] = None
     return values, why
+
+
+BLOCK_PRESETS = {  # which U-Net blocks get the rank: a starting point for the block dims editor
+    "uniform": lambda block: True,
+    "input blocks only": lambda block: block.startswith("IN"),
+    "middle and output blocks": lambda block: block.startswith(("M", "OUT")),
+    "output blocks only": lambda block: block.startswith("OUT"),
+    "no middle block": lambda block: not block.startswith("M"),
+}
+
+
+def block_preset_values(preset: str, block_names: tuple[str, ...], network_dim: int, conv_dim: int) -> dict:
+    """block_dims (and conv_block_dims when conv_dim > 0) as comma text, one value per U-Net block."""
+    chosen = [BLOCK_PRESETS[preset](b) and b not in ("EMB", "FINAL") for b in block_names]  # SDXL's ends: none
+    values = {"block_dims": ", ".join(str(int(network_dim) if on else 0) for on in chosen)}
+    if conv_dim:
+        values["conv_block_dims"] = ", ".join(str(int(conv_dim) if on else 0) for on in chosen)
+    return values

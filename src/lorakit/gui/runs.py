@@ -88,18 +88,59 @@ def _tail(path: Path, lines: int = 12) -> str:
     return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
 
 
+class BackgroundProcess:
+    """One child process started from an argument list (never a shell string), output to a log file."""
+
+    def __init__(self):
+        self._process: subprocess.Popen | None = None
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def launch(self, argv: list[str], log_path: Path, cwd: Path) -> None:
+        if self.running():
+            raise RuntimeError("a job is already going; stop it first")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.setdefault("HF_HUB_OFFLINE", "1")  # lorakit never downloads; say so to the libraries too
+        with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own handle
+            self._process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                             start_new_session=True)  # the GUI's Ctrl-C is not the run's
+
+    def poll(self) -> int | None:
+        return self._process.poll() if self._process else None
+
+    def stop(self, timeout: float = 120.0) -> int | None:
+        """SIGINT (lorakit saves what it has), then wait; kill only if it does not end in `timeout`."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            return process.returncode if process else None
+        process.send_signal(signal.SIGINT)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self._process.wait(timeout) if self._process else None
+
+
+def lorakit_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lorakit.cli", *args]
+
+
 class RunManager:
     """One training process at a time, owned by this GUI."""
 
     def __init__(self, roots: Roots):
         self.roots = roots
         self.files: RunFiles | None = None
-        self._process: subprocess.Popen | None = None
+        self.process = BackgroundProcess()
         self._lock = threading.Lock()
         self._since = 0.0  # samples older than this belong to an earlier run
 
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self.process.running()
 
     def start(self, values: dict, conv_layers: int, resume: bool = False, preset: str | None = None) -> RunFiles:
         with self._lock:
@@ -114,32 +155,17 @@ class RunManager:
             if not resume:  # a new run: progress and samples of an earlier run of that name are not its own
                 files.history.unlink(missing_ok=True)
             self._since = 0.0 if resume else time.time()
-            argv = [sys.executable, "-m", "lorakit.cli", "train", str(files.toml)]
-            if resume:
-                argv += ["--resume", str(files.state_dir)]
-            with open(files.log, "w", encoding="utf-8") as log:
-                self._process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=output_dir,
-                                                 env=self._child_env(), start_new_session=True)
+            argv = lorakit_command("train", str(files.toml))
+            self.process.launch(argv + (["--resume", str(files.state_dir)] if resume else []), files.log, output_dir)
             self.files = files
             return files
 
-    @staticmethod
-    def _child_env() -> dict[str, str]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.setdefault("HF_HUB_OFFLINE", "1")  # lorakit never downloads; say so to the libraries too
-        return env
-
     def stop(self, timeout: float = 120.0) -> int | None:
-        """SIGINT, then wait for the trainer to save its state; the exit code (130 = state saved)."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            return process.returncode if process else None
-        process.send_signal(signal.SIGINT)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()  # a second chance would not help: the state is lost either way, say so in the log
-            return process.wait()
+        """Ask the trainer to stop (it saves the LoRA and its state, then exits 130)."""
+        return self.process.stop(timeout)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.process.wait(timeout)
 
     def status(self) -> RunStatus:
         files = self.files
@@ -147,11 +173,8 @@ class RunManager:
             return RunStatus("idle")
         history = _read_history(files.history)
         steps = history.get("steps", [])
-        code = self._process.poll() if self._process else None
+        code = self.process.poll()
         state = "running" if code is None else {0: "finished", INTERRUPTED: "interrupted"}.get(code, "failed")
         return RunStatus(state=state, step=steps[-1]["step"] if steps else 0, total=history.get("total_steps"),
                          losses=[(s["step"], s["loss"]) for s in steps], samples=files.samples(self._since),
                          log_tail=_tail(files.log), returncode=code, can_resume=files.can_resume())
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        return self._process.wait(timeout) if self._process else None
