@@ -188,3 +188,47 @@ def test_run_manager_starts_stops_and_resumes_a_real_training(tmp_path, tiny_arc
     assert [s for s, _ in final.losses] == list(range(1, done + 3))  # the history continues, no gap, no repeat
     assert final.samples and re.fullmatch(r"gui_e\d{6}_00_1\.png", final.samples[-1].name)  # the final sample
     assert (files.output_dir / "gui.safetensors").is_file()
+
+
+def test_gui_binds_loopback_and_refuses_an_open_network_port_without_a_login(capsys, monkeypatch):
+    from lorakit.cli import build_parser, main
+    from lorakit.gui.server import UnsafeServerError, check_exposure, parse_auth
+
+    args = build_parser().parse_args(["gui"])
+    assert args.host == "127.0.0.1" and args.root is None
+    monkeypatch.delenv("LORAKIT_GUI_AUTH", raising=False)
+    assert main(["gui", "--host", "0.0.0.0"]) == 2  # refused before any server starts
+    assert "--auth" in capsys.readouterr().err
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_exposure(host, None, False)
+    check_exposure("0.0.0.0", ("u", "p"), False)
+    check_exposure("192.0.2.1", None, allow_unauthenticated_remote=True)
+    with pytest.raises(UnsafeServerError):
+        check_exposure("my-host.example", None, False)
+    assert parse_auth("user:pa:ss") == ("user", "pa:ss") and parse_auth(None) is None
+    with pytest.raises(UnsafeServerError, match="user:password"):
+        parse_auth("nopassword")
+
+
+def test_tools_and_dataset_check_call_the_cli_functions_inside_the_roots(tmp_path, tiny_arch, tiny_base):
+    from lorakit.gui import actions
+    from lorakit.gui.fields import block_preset_values
+
+    roots = Roots.of([tmp_path])
+    values = style_values(tmp_path, save_precision="fp16",
+                          **block_preset_values("output blocks only", tiny_arch.block_names, 8, 32))
+    config = config_from_form(values, tiny_arch.conv_layers)
+    assert estimate(config, tiny_arch).blocks[0]["block"] == "OUT00"  # input and middle blocks got dim 0
+    network = create_network(tiny_base.pipeline.unet, tiny_base.text_encoders, config.network_config())
+    try:
+        lora = save_network(network, tmp_path / "style.safetensors", dtype=torch.float16)
+    finally:
+        network.restore()
+    assert "2 usable" in actions.dataset_report(roots, values["train_data_dir"], ".txt", 64)
+    assert "conv3x3 rank 32" in actions.inspect_report(roots, str(lora), modules=True)
+    message = actions.block_weights(roots, str(lora), str(tmp_path / "outs.safetensors"), "OUTS")
+    assert "removed" in message and (tmp_path / "outs.safetensors").is_file()
+    with pytest.raises(PathNotAllowed):
+        actions.block_weights(roots, str(lora), "/tmp/elsewhere.safetensors", "OUTS")
+    with pytest.raises(PathNotAllowed):
+        actions.inspect_report(roots, "/etc/hostname")

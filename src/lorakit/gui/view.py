@@ -128,13 +128,15 @@ class TrainTab:
                     self.fields[spec.name] = component(spec, defaults[spec.name], self.roots)
                 if group == "Model and data":
                     report = gr.Textbox(label="Dataset check", lines=4, interactive=False, elem_id="dataset-report")
+                if group == "Network":  # the estimate sits beside the values it follows
+                    estimate_md = gr.Markdown(elem_id="estimate")
+                    with gr.Accordion("Modules per block", open=False):
+                        table = gr.Dataframe(headers=ESTIMATE_HEADERS, interactive=False)
                 if group == "Block dims":
                     with gr.Row():
                         block_preset = gr.Dropdown(choices=list(BLOCK_PRESETS), value="uniform",
                                                    label="Block dims preset")
                         fill = gr.Button("Fill block dims from preset")
-        estimate_md = gr.Markdown(elem_id="estimate")
-        table = gr.Dataframe(headers=ESTIMATE_HEADERS, label="Modules per block", interactive=False)
         inputs = [self.fields[n] for n in self.names]
         conv_outputs = [self.fields[n] for n in CONV_FIELDS]
         gr.on([c.change for c in inputs], self.refresh, inputs, [estimate_md, table] + conv_outputs,
