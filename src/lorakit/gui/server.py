@@ -51,7 +51,10 @@ def serve(host: str = "127.0.0.1", port: int = 7860, roots: list[str] | None = N
     login = parse_auth(auth if auth is not None else os.environ.get(AUTH_ENV))
     check_exposure(host, login, allow_unauthenticated_remote)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; the GUI works offline
-    from lorakit.gui.view import build_app
+    try:
+        from lorakit.gui.view import build_app
+    except ImportError as e:  # gradio is pinned in requirements-lock.txt; a bare `pip install lorakit` lacks it
+        raise ValueError(f"the GUI needs gradio ({e}): pip install -r requirements-lock.txt") from None
 
     allowed = Roots.of(roots)
     app = build_app(allowed)
