@@ -3,7 +3,6 @@ generates what prompts ask for."""
 import random
 
 import numpy as np
-import pytest
 import torch
 
 from lorakit.models import shapes
@@ -19,6 +18,27 @@ def test_judge_reads_rendered_scenes():
     for _ in range(200):
         scene = rng.choice(shapes.all_scenes())
         assert shapes.judge(shapes.render(scene, rng)) == (scene.colour, scene.shape), scene.caption
+
+
+def test_judge_ignores_stray_pixels_at_the_edges():
+    """A decoder's specks in the corners must not stretch the shape's bounding box to the whole image."""
+    rng = random.Random(1)
+    for _ in range(60):
+        scene = rng.choice(shapes.all_scenes())
+        image = shapes.render(scene, rng)
+        speck = np.array(shapes.PALETTE[scene.colour], np.uint8)
+        image[0, 0] = image[63, 63] = image[0, 63] = speck
+        image[40:42, 0] = speck
+        assert shapes.judge(image) == (scene.colour, scene.shape), scene.caption
+
+
+def test_largest_component_keeps_only_the_biggest_region():
+    mask = np.zeros((10, 10), bool)
+    mask[1:4, 1:4] = True  # 9 pixels
+    mask[6:8, 6:8] = True  # 4 pixels
+    mask[0, 9] = True
+    kept = shapes.largest_component(mask)
+    assert kept.sum() == 9 and kept[1:4, 1:4].all() and not kept[6:8, 6:8].any()
 
 
 def test_judge_sees_nothing_on_a_plain_or_noisy_image():
@@ -56,18 +76,18 @@ def test_embedded_weights_ship_and_follow_prompts():
     pipe.set_progress_bar_config(disable=True)
     size = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
     assert size <= 20 * 1024 * 1024
-    # held-out prompts, 4 seeds each: the model card's figures (colour 100%, shape 57% of 128 images) with margin
-    prompts = held_out_prompts(0)[:4]
-    images = pipe([p for p in prompts for _ in range(4)], num_inference_steps=20, guidance_scale=5.0,
+    # every held-out prompt, one seed (seeds give nearly the same image): the model card's figure is 90.6%
+    # colour and shape both right over 16 prompts x 8 seeds at DDIM 25; 20 steps here, with margin
+    prompts = held_out_prompts(0)
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0,
                   generator=torch.Generator().manual_seed(0), height=64, width=64, output_type="np").images
-    wanted = [shapes.Scene.parse(p) for p in prompts for _ in range(4)]
-    judged = [shapes.judge((im * 255).round().astype(np.uint8)) for im in images]
-    colour = np.mean([c == w.colour for (c, _), w in zip(judged, wanted)])
-    shape = np.mean([s == w.shape for (_, s), w in zip(judged, wanted)])
+    pixels = [(im * 255).round().astype(np.uint8) for im in images]
+    wanted = [shapes.Scene.parse(p) for p in prompts]
+    both = np.mean([shapes.judge(p) == (w.colour, w.shape) for p, w in zip(pixels, wanted)])
     backgrounds = np.mean([nearest_colour(np.median(np.concatenate([p[:2].reshape(-1, 3), p[-2:].reshape(-1, 3)]), 0))
-                           == w.background for p, w in zip(((im * 255).round().astype(np.uint8) for im in images), wanted)])
-    assert colour >= 0.9 and backgrounds >= 0.9, (colour, backgrounds)
-    assert shape >= 0.35, shape
+                           == w.background for p, w in zip(pixels, wanted)])
+    assert backgrounds >= 0.9, backgrounds
+    assert both >= 0.75, both
 
 
 def nearest_colour(rgb) -> str:

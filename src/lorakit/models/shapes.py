@@ -21,6 +21,7 @@ POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.
              "bottom right": (0.7, 0.7), "center": (0.5, 0.5)}
 SIZES = {"small": (0.30, 0.36), "large": (0.44, 0.50)}  # shape extent as a fraction of the image side
 IMAGE_SIZE = 64
+STRICT_IOU = 0.75  # judge(min_iou=...) for the strict figure: a clean outline, not just the closest template
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,28 @@ def sample_batch(scenes: list[Scene], batch: int, rng: random.Random) -> tuple[n
     return images.transpose(0, 3, 1, 2), [s.caption for s in chosen]
 
 
-def judge(image: np.ndarray) -> tuple[str | None, str | None]:
+def judge(image: np.ndarray, min_iou: float = 0.5) -> tuple[str | None, str | None]:
     """(colour, shape) seen in an (H, W, 3) uint8 image, or None where nothing clear is there.
 
+    Shape = the template with the best intersection-over-union, if that IoU exceeds `min_iou`. Circle and
+    square templates overlap by IoU pi/4 = 0.785, so the choice is made by the ranking; a stricter
+    `min_iou` (STRICT_IOU) also asks that the shape be drawn cleanly (rendered scenes: median IoU 1.0,
+    5th percentile 0.93).
+    """
+    colour, scores = judge_scores(image)
+    if not scores:
+        return colour, None
+    best = max(scores, key=scores.get)
+    return colour, (best if scores[best] > min_iou else None)
+
+
+def judge_scores(image: np.ndarray) -> tuple[str | None, dict[str, float]]:
+    """(colour, {shape: template IoU}) of the one shape in an image; (None, {}) where there is none.
+
     Background = median colour of the border; foreground = pixels far from it (none, or more than 60% of the
-    image, means no clear shape); colour = nearest palette
-    entry to the foreground's median; shape = the template (at the foreground's bounding box) with the
-    best intersection-over-union, if that IoU exceeds 0.5.
+    image, means no clear shape), of which only the largest 4-connected region counts: a decoder's stray
+    pixels at the image edge would otherwise stretch the bounding box to the whole image. Colour = nearest
+    palette entry to the region's median; each shape's template is drawn at the region's bounding box.
     """
     img = image.astype(np.float32)
     h, w, _ = img.shape
@@ -117,15 +133,37 @@ def judge(image: np.ndarray) -> tuple[str | None, str | None]:
     background = np.median(border, axis=0)
     foreground = np.linalg.norm(img - background, axis=2) > 60
     if not 12 <= foreground.sum() <= 0.6 * h * w:  # nothing there, or no background to speak of (noise)
-        return None, None
+        return None, {}
+    foreground = largest_component(foreground)
+    if foreground.sum() < 12:  # only specks: noise, not a shape
+        return None, {}
     rgb = np.median(img[foreground], axis=0)
     colour = min(PALETTE, key=lambda c: float(np.linalg.norm(rgb - np.array(PALETTE[c]))))
     ys, xs = np.nonzero(foreground)
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
     extent = ((x1 - x0) + (y1 - y0)) / 2
-    scores = {s: _iou(foreground, shape_mask(s, (x0 + x1) / 2, (y0 + y1) / 2, extent, h)) for s in SHAPES}
-    best = max(scores, key=scores.get)
-    return colour, (best if scores[best] > 0.5 else None)
+    return colour, {s: _iou(foreground, shape_mask(s, (x0 + x1) / 2, (y0 + y1) / 2, extent, h)) for s in SHAPES}
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of an (H, W) bool mask (flood fill; 64x64 masks take milliseconds)."""
+    labels = np.zeros(mask.shape, np.int32)
+    best_label, best_size, label = 0, 0, 0
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        label += 1
+        labels[start], stack, size = label, [start], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        if size > best_size:
+            best_label, best_size = label, size
+    return labels == best_label if best_label else mask
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
