@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass
 
-from lorakit.training.config import FIELDS, HINTS, PRESETS, _base_type
+from lorakit.training.config import FIELDS, HINTS, PRESETS, base_type
 
 LABELS = {
     "pretrained_model_name_or_path": "Base model", "train_data_dir": "Dataset folder", "algo": "Algorithm",
@@ -65,7 +65,7 @@ def field_kind(name: str) -> str:
         return "prompts"  # a file in the schema; the form edits its lines and writes the file beside the TOML
     if FIELDS[name].metadata.get("choices"):
         return "choice"
-    kind = _base_type(HINTS[name])
+    kind = base_type(HINTS[name])
     return {bool: "bool", int: "int", float: "float", list: "list"}.get(kind, "text")
 
 

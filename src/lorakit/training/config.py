@@ -187,7 +187,7 @@ def did_you_mean(key: str, known) -> str:
 def coerce(key: str, value, where: str, from_string: bool = False):
     """Value -> the field's type, range-checked. Strings (CLI, network_args) are parsed."""
     f = FIELDS[key]
-    kind = _base_type(HINTS[key])
+    kind = base_type(HINTS[key])
     meta = f.metadata
     if value is None or (from_string and str(value).lower() in ("none", "null")):
         if f.default is not MISSING and f.default is None:
@@ -226,7 +226,7 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
         key = key.replace("-", "_")
         if not eq:
             takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            if key in FIELDS and _base_type(HINTS[key]) is bool and not takes_value:
+            if key in FIELDS and base_type(HINTS[key]) is bool and not takes_value:
                 value = "true"
             elif takes_value:
                 i += 1
@@ -271,7 +271,7 @@ def _parse_bool(value) -> bool:
     raise ValueError("expected true or false")
 
 
-def _base_type(hint):
+def base_type(hint):
     """int | None -> int; list[int] | None -> list; plain types unchanged."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
