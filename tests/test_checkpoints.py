@@ -41,9 +41,14 @@ def test_single_file_roundtrip_reproduces_outputs(tmp_path, family):
     base = load_single_file(path, config_dir=config_dir(tmp_path, family, unet, vae, encoders))
     assert base.family == family and base.prediction_type == "epsilon" and "detected" in base.notes[0]
     pipe = base.pipeline
+    loaded = pipe.unet.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in unet.state_dict().items())  # the key conversion is exact
     x, t, ctx, extra = unet_inputs(unet)
     with torch.no_grad():
-        assert torch.equal(pipe.unet(x, t, ctx, **extra).sample, unet(x, t, ctx, **extra).sample)
+        # equal weights need not give bit-equal outputs: CPU kernels may pick another path for memory that
+        # lies elsewhere (seen: 7e-7 apart in one venv build), so compare at float32 noise
+        torch.testing.assert_close(pipe.unet(x, t, ctx, **extra).sample, unet(x, t, ctx, **extra).sample,
+                                   atol=1e-6, rtol=1e-6)
         image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
         ours = vae.decode(vae.encode(image).latent_dist.mean).sample
         theirs = pipe.vae.decode(pipe.vae.encode(image).latent_dist.mean).sample
