@@ -266,7 +266,7 @@ the real CLIP tokenizer. Weights: fp16 safetensors, {size / 1e6:.1f} MB.
     (out / "MODEL_CARD.md").write_text(text)
 
 
-MEASURED_LIMITS = """## Measured limits
+MEASURED_LIMITS = """## Measured limits (weights of 2026-11-25, measured 2026-12-01; rewrite with new weights)
 
 - Each prompt gives nearly the same image for every seed (little diversity across seeds); failures are
   therefore per prompt, not per seed (see `per_prompt` in training_log.json).
