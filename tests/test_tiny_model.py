@@ -32,6 +32,17 @@ def test_judge_ignores_stray_pixels_at_the_edges():
         assert shapes.judge(image) == (scene.colour, scene.shape), scene.caption
 
 
+def test_vae_batch_shares_of_textured_and_sepia_images():
+    from lorakit.models import styles
+
+    plain = styles.vae_batch(8, random.Random(0), textured_share=0.0)
+    graded = styles.vae_batch(8, random.Random(0), textured_share=0.0, sepia_share=1.0)
+    assert plain.shape == graded.shape == (8, 3, 64, 64) and -1 <= graded.min() and graded.max() <= 1
+    to_pixels = lambda batch: ((batch.transpose(0, 2, 3, 1) + 1) * 127.5).round().astype(np.uint8)
+    assert all(styles.sepia_score(im) == 1.0 for im in to_pixels(graded))
+    assert np.mean([styles.sepia_score(im) for im in to_pixels(plain)]) < 0.5  # the palette is not sepia
+
+
 def test_largest_component_keeps_only_the_biggest_region():
     mask = np.zeros((10, 10), bool)
     mask[1:4, 1:4] = True  # 9 pixels

@@ -30,7 +30,7 @@ def foreground_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
     return 1 + weight * ((x - border[..., None, None]).norm(dim=1, keepdim=True) > 0.3).float()
 
 
-def train_vae(vae, steps: int, seed: int, log: list) -> float:
+def train_vae(vae, steps: int, seed: int, log: list, textured_share: float = 0.5, sepia_share: float = 0.0) -> float:
     """Shapes, half of them under random textures (stripes, lines, checks) so that LoRA styles can be
     rendered later; the diffusion model itself never sees a texture."""
     rng = random.Random(seed)
@@ -38,7 +38,7 @@ def train_vae(vae, steps: int, seed: int, log: list) -> float:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     vae.train()
     for step in range(steps):
-        x = torch.from_numpy(styles.vae_batch(16, rng))
+        x = torch.from_numpy(styles.vae_batch(16, rng, textured_share, sepia_share))
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         weight = foreground_weight(x, 4.0)
@@ -177,6 +177,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="src/lorakit/data/tiny-sd")
     parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae-textured-share", type=float, default=0.5,
+                        help="share of VAE images under random textures (the 8x8x4 latents keep none of them)")
+    parser.add_argument("--vae-sepia-share", type=float, default=0.0,
+                        help="share of the untextured VAE images sepia-graded (the demo's style)")
     parser.add_argument("--steps", type=int, default=9000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -194,7 +198,7 @@ def main(argv=None) -> None:
         warm = load_pipeline(args.init_from)
         unet.load_state_dict(warm.unet.state_dict())
         text_encoder.load_state_dict(warm.text_encoder.state_dict())
-    vae_loss = train_vae(vae, args.vae_steps, args.seed, log)
+    vae_loss = train_vae(vae, args.vae_steps, args.seed, log, args.vae_textured_share, args.vae_sepia_share)
     vae_eval = evaluate_vae(vae)
     print(f"VAE round trip: colour and shape kept {vae_eval['roundtrip_accuracy']:.1%}, "
           f"stripes kept {vae_eval['stripe_kept']:.0%}", flush=True)
@@ -230,6 +234,7 @@ def write_model_card(out: Path, args, vae_loss: float, loss: float, minutes: flo
                      vae_eval: dict) -> None:
     size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     grid = result["all_positions_sizes"]
+    textured, sepia = getattr(args, "vae_textured_share", 0.5), getattr(args, "vae_sepia_share", 0.0)
     init = getattr(args, "init_from", None)
     warm = (f"\n  The U-Net and text encoder started from the previous release's weights (`--init-from`), so the "
             f"{minutes:.0f} minutes come on top of that model's own training." if init else "")
@@ -244,8 +249,8 @@ the real CLIP tokenizer. Weights: fp16 safetensors, {size / 1e6:.1f} MB.
   x {len(shapes.SIZES)} sizes, captions like "a large red circle on a blue background, top left";
   {len(shapes.held_out_triples(args.seed))} (colour, shape, background) combinations held out of training.
 - **Training** (seed {args.seed}, {args.threads} CPU threads, {minutes:.0f} minutes in all): VAE {args.vae_steps}
-  steps at batch 16 on the shapes, half of them under random textures (stripes, lines, checks),
-  foreground-weighted MSE (final {vae_loss:.4f}); U-Net + text encoder {args.steps} steps at batch
+  steps at batch 16 on the shapes ({textured:.0%} under random textures (stripes, lines, checks), {sepia:.0%} of
+  the rest sepia-graded), foreground-weighted MSE (final {vae_loss:.4f}); U-Net + text encoder {args.steps} steps at batch
   {args.batch} on untextured shapes only, AdamW 1e-3 one-cycle, min-SNR-5, 10% caption dropout, EMA 0.999
   (final smoothed loss {loss:.4f}).{warm}
 - **Prompt following, measured** on the held-out prompts ({result['images']} images: {len(result['per_prompt'])}

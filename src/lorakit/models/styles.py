@@ -61,13 +61,17 @@ def textured(image: np.ndarray, rng: random.Random) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def vae_batch(batch: int, rng: random.Random, textured_share: float = 0.5) -> np.ndarray:
-    """(batch, 3, H, W) float32 in [-1, 1]: shapes scenes, about half of them textured."""
+def vae_batch(batch: int, rng: random.Random, textured_share: float = 0.5, sepia_share: float = 0.0) -> np.ndarray:
+    """(batch, 3, H, W) float32 in [-1, 1]: shapes scenes, a share of them textured, a share sepia-graded."""
     scenes = shapes.all_scenes()
     images = []
     for _ in range(batch):
         image = shapes.render(rng.choice(scenes), rng)
-        images.append(textured(image, rng) if rng.random() < textured_share else image)
+        if rng.random() < textured_share:
+            image = textured(image, rng)
+        elif rng.random() < sepia_share:
+            image = sepia(image)
+        images.append(image)
     return np.stack(images).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
 
 
