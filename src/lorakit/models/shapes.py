@@ -112,10 +112,15 @@ def judge(image: np.ndarray, min_iou: float = 0.5) -> tuple[str | None, str | No
     5th percentile 0.93).
     """
     colour, scores = judge_scores(image)
+    return colour, pick_shape(scores, min_iou)
+
+
+def pick_shape(scores: dict[str, float], min_iou: float = 0.5) -> str | None:
+    """The best-scoring shape of judge_scores' {shape: IoU}, if its IoU exceeds `min_iou`."""
     if not scores:
-        return colour, None
+        return None
     best = max(scores, key=scores.get)
-    return colour, (best if scores[best] > min_iou else None)
+    return best if scores[best] > min_iou else None
 
 
 def judge_scores(image: np.ndarray) -> tuple[str | None, dict[str, float]]:
