@@ -31,8 +31,8 @@ def foreground_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 def train_vae(vae, steps: int, seed: int, log: list, textured_share: float = 0.5, sepia_share: float = 0.0) -> float:
-    """Shapes, half of them under random textures (stripes, lines, checks) so that LoRA styles can be
-    rendered later; the diffusion model itself never sees a texture."""
+    """Shapes, `textured_share` of them under random textures (stripes, lines, checks) and `sepia_share` of
+    the rest sepia-graded, so that LoRA styles can be rendered later; the diffusion model never sees either."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
