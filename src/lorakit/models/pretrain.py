@@ -2,8 +2,8 @@
 
     python -m lorakit.models.pretrain --out src/lorakit/data/tiny-sd
 
-Stage 1 trains the VAE (64x64 RGB <-> 8x8x4 latents); stage 2 trains the U-Net and the text encoder with
-the SD1 noise schedule (epsilon prediction, min-SNR-5 weighting, 10% caption dropout for classifier-free
+Stage 1 trains the VAE (64x64 RGB <-> 8x8x4 latents); stage 2 encodes jittered renders of every training
+scene once and trains the U-Net and the text encoder on them with the SD1 noise schedule (epsilon prediction, min-SNR-5 weighting, 10% caption dropout for classifier-free
 guidance, EMA weights). Stage 3 measures prompt following on held-out prompts and writes MODEL_CARD.md.
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def encode_latent_pool(vae, scenes: list, renders_per_scene: int, seed: int) -> 
 
 
 def train_diffusion(unet, vae, text_encoder, steps: int, batch: int, seed: int, log: list,
-                    renders_per_scene: int = 24, lr: float = 1e-3) -> tuple:
+                    renders_per_scene: int = 24) -> tuple:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     vae.requires_grad_(False)
@@ -111,8 +111,8 @@ def train_diffusion(unet, vae, text_encoder, steps: int, batch: int, seed: int, 
     print(f"latent pool: {len(pool_captions)} encoded renders", flush=True)
     alphas_cumprod = objectives.sd_alphas_cumprod(1000, SCHEDULER["beta_start"], SCHEDULER["beta_end"])
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, foreach=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, foreach=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.03)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     unet.train(), text_encoder.train()
