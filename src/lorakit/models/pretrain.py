@@ -4,7 +4,8 @@
 
 Stage 1 trains the VAE (64x64 RGB <-> 8x8x4 latents); stage 2 encodes jittered renders of every training
 scene once and trains the U-Net and the text encoder on them with the SD1 noise schedule (epsilon
-prediction, min-SNR-5 weighting, 10% caption dropout for classifier-free guidance, EMA weights). Stage 3 measures prompt following on held-out prompts and writes MODEL_CARD.md.
+prediction, min-SNR-5 weighting, 10% caption dropout for classifier-free guidance, EMA weights).
+Stage 3 measures prompt following on held-out prompts and writes MODEL_CARD.md.
 """
 from __future__ import annotations
 
