@@ -90,7 +90,7 @@ def encode_latent_pool(vae, scenes: list, renders_per_scene: int, seed: int) -> 
     """Every training scene rendered `renders_per_scene` times (fresh jitter each), encoded once.
 
     Returns the posterior's mean and std, (N, 4, 8, 8) each, and the N captions. Training then samples
-    mean + std * noise per step, as a fresh encode would, without the VAE's forward pass (a third of a
+    mean + std * noise per step, as a fresh encode would, without the VAE's forward pass (about a quarter of a
     diffusion step at batch 48 on 2 CPU threads)."""
     rng = random.Random(seed + 1)
     chosen = [scene for scene in scenes for _ in range(renders_per_scene)]
