@@ -60,3 +60,8 @@ def test_model_card_rebuild_command_reproduces_the_arguments(tmp_path):
     assert pretrain.build_parser().parse_args(shlex.split(command)[3:]) == args
     assert "of the 3 held-out prompts, 3 are right for every seed, 0 for none" in card
     assert "from scratch in 95 minutes of 1-thread" in card and "30%" in card
+
+
+def test_percent_prints_a_near_zero_share_as_zero_and_keeps_real_negatives():
+    assert pretrain.percent(-8e-5) == "0%" and pretrain.percent(0.004) == "0%"
+    assert pretrain.percent(-0.2) == "-20%" and pretrain.percent(0.93) == "93%"

@@ -79,6 +79,11 @@ def evaluate_vae(vae, count: int = 200, seed: int = 3) -> dict:
     return {"roundtrip_accuracy": hits / count, "stripe_kept": float(np.median(stripes)), "images": count}
 
 
+def percent(share: float) -> str:
+    """A share as a whole percentage; a value that rounds to zero prints 0%, not -0%."""
+    return f"{0.0 if abs(share) < 0.005 else share:.0%}"
+
+
 def encode_prompts(text_encoder, captions: list[str]) -> torch.Tensor:
     ids = clip_tokenizer()(captions, padding="max_length", max_length=77, truncation=True,
                            return_tensors="pt").input_ids
@@ -121,7 +126,8 @@ def train_diffusion(unet, vae, text_encoder, steps: int, batch: int, seed: int, 
     for step in range(steps):
         index = torch.randint(0, len(pool_captions), (batch,))
         captions = ["" if rng.random() < 0.1 else pool_captions[i] for i in index.tolist()]  # "" for CFG
-        latents = (means[index] + stds[index] * torch.randn_like(means[index])) * vae.config.scaling_factor
+        mean = means[index]
+        latents = (mean + stds[index] * torch.randn_like(mean)) * vae.config.scaling_factor
         t = torch.randint(0, 1000, (batch,))
         noise = torch.randn_like(latents)
         noisy = objectives.add_noise(latents, noise, alphas_cumprod, t)
@@ -225,7 +231,7 @@ def main(argv=None) -> None:
     vae_minutes = (time.time() - start) / 60
     vae_eval = evaluate_vae(vae)
     print(f"VAE round trip: colour and shape kept {vae_eval['roundtrip_accuracy']:.1%}, "
-          f"stripes kept {max(vae_eval['stripe_kept'], 0.0):.0%}", flush=True)
+          f"stripes kept {percent(vae_eval['stripe_kept'])}", flush=True)
     diffusion_start = time.time()
     unet, text_encoder, loss = train_diffusion(unet, vae, text_encoder, args.steps, args.batch, args.seed, log,
                                                args.renders_per_scene)
@@ -292,7 +298,7 @@ the real CLIP tokenizer. Weights: fp16 safetensors, {size / 1e6:.1f} MB.
   {result['strict_accuracy']:.1%}. Over every position and size of the held-out combinations
   ({grid['images']} images: {len(grid['per_prompt'])} prompts x 2 seeds): {grid['accuracy']:.1%} (strict {grid['strict_accuracy']:.1%}).
 - **VAE round trip** on {vae_eval['images']} fresh scenes: colour and shape kept for
-  {vae_eval['roundtrip_accuracy']:.1%}; fine stripes (8-pixel period) kept at {max(vae_eval['stripe_kept'], 0.0):.0%} of their
+  {vae_eval['roundtrip_accuracy']:.1%}; fine stripes (8-pixel period) kept at {percent(vae_eval['stripe_kept'])} of their
   contrast.
 - **Rebuild**: `python -m lorakit.models.pretrain --out src/lorakit/data/tiny-sd --vae-steps {args.vae_steps}
   --vae-textured-share {textured:g} --vae-sepia-share {sepia:g} --steps {args.steps} --batch {args.batch}
@@ -326,7 +332,7 @@ def measured_limits(result: dict, vae_eval: dict, minutes: float, init: str | No
 
 - Seeds: of the {len(spread)} held-out prompts, {always} are right for every seed, {never} for none and
   {mixed} for some (`per_prompt` in training_log.json): {pattern}.
-- Fine textures do not survive the 8x8x4 latents: 8-pixel stripes come back at {max(vae_eval['stripe_kept'], 0.0):.0%} of
+- Fine textures do not survive the 8x8x4 latents: 8-pixel stripes come back at {percent(vae_eval['stripe_kept'])} of
   their contrast. The demo's style is therefore a colour grade (sepia){sepia_note}.
 - The judge: background = border median, the shape = the largest connected region far from it, shape =
   the best of three templates at its bounding box. It reads 100% of rendered scenes; up to release
