@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-slow bench venv browser clean
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lorakit demo
 
-test: $(STAMP)
+# Debian's chromium for the GUI browser test: installed when missing and root, else one line saying what to install
+browser:
+	@bash scripts/ensure-chromium.sh
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP)

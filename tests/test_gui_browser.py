@@ -1,4 +1,4 @@
-"""The web GUI in a real headless Chromium (Debian's `chromium`, which .ci/run installs): choose the style
+"""The web GUI in a real headless Chromium (Debian's `chromium`, which `make test` installs): choose the style
 preset, see the conv fields and the estimate, train on the tiny model, see progress and a sample, save the
 TOML and check it is what `lorakit train` would run. Screenshots go to tests/artifacts/gui/."""
 import os
@@ -67,7 +67,7 @@ def choose(page, elem_id: str, option: str) -> None:
 
 
 def test_style_preset_estimate_training_and_toml_in_chromium(gui, tmp_path):
-    assert CHROMIUM, "Debian's chromium is not installed: run `apt-get install -y chromium` (.ci/run does)"
+    assert CHROMIUM, "Debian's chromium is not installed: run `make test` (it installs it as root) or `apt-get install -y chromium`"
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
