@@ -16,6 +16,7 @@ import torch
 
 from lorakit.adapters.functional import lokr as F_lokr
 from lorakit.adapters.functional import lora as F_lora
+from lorakit.adapters.functional.layer import scale_of
 from lorakit.formats.kohya import KeyProblem, file_family, group_by_module, parse_module
 from lorakit.formats.safetensors_io import LoraFileError, file_data_hash, read_header, read_safetensors
 from lorakit.surgery.blocks import SD_BLOCKS, SDXL_BLOCKS, block_of_kohya_name
@@ -100,11 +101,11 @@ def _describe(parsed, family: str) -> dict:
     if algo == "lora":
         rank, ref = w["down"].shape[0], w["down"]
         kind = _kind_from_shape(ref.shape) if "mid" not in w else f"conv{w['mid'].shape[2]}x{w['mid'].shape[3]}"
-        scale = 1.0 if parsed.alpha is None else parsed.alpha / rank
+        scale = scale_of(parsed.alpha, rank)
     elif algo == "loha":
         rank = w["w1b"].shape[0]
         kind = f"conv{w['t1'].shape[2]}x{w['t1'].shape[3]}" if "t1" in w else _kind_from_name(name)
-        scale = 1.0 if parsed.alpha is None else parsed.alpha / rank
+        scale = scale_of(parsed.alpha, rank)
     else:
         rank = F_lokr.rank_of(w)
         kind = _kind_from_shape(w["w2"].shape) if "w2" in w else (

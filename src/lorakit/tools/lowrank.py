@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.adapters.functional import lora as lora_math
-from lorakit.adapters.functional.layer import scale_of
+from lorakit.adapters.functional.layer import effective_alpha, scale_of
 from lorakit.formats.kohya import ModuleTensors
 
 
@@ -66,7 +66,7 @@ class LowRank:
         if self.mid is not None:
             out["lora_mid.weight"] = self.mid
         out = {f"{self.name}.{k}": (v.to(dtype) if dtype else v).contiguous() for k, v in out.items()}
-        out[f"{self.name}.alpha"] = torch.tensor(float(self.alpha if self.alpha else self.rank), dtype=torch.float32)
+        out[f"{self.name}.alpha"] = torch.tensor(effective_alpha(self.alpha, self.rank), dtype=torch.float32)
         return out
 
 

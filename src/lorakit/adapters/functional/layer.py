@@ -62,8 +62,11 @@ class LayerSpec:
         raise TypeError(f"only Linear and Conv2d layers can be adapted, got {type(layer).__name__}")
 
 
+def effective_alpha(alpha: float | None, rank: int) -> float:
+    """kohya/LyCORIS rule: alpha missing or 0 means alpha = rank (scale 1). The one place this rule lives."""
+    return float(rank) if alpha is None or float(alpha) == 0.0 else float(alpha)
+
+
 def scale_of(alpha: float | None, rank: int) -> float:
-    """kohya/LyCORIS rule: alpha missing or 0 means alpha = rank, so scale 1."""
-    if alpha is None or float(alpha) == 0.0:
-        return 1.0
-    return float(alpha) / rank
+    """ΔW scale = alpha / rank, with effective_alpha's rule for a missing or zero alpha."""
+    return effective_alpha(alpha, rank) / rank

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.functional.layer import LayerSpec, scale_of
 from lorakit.adapters.functional.loha import rebuild_tucker
 from lorakit.adapters.functional.lora import kaiming_uniform_
 
@@ -70,9 +70,7 @@ def rank_of(weights: dict[str, torch.Tensor]) -> int | None:
 
 def scale_for(weights: dict[str, torch.Tensor], alpha: float | None) -> float:
     rank = rank_of(weights)
-    if rank is None or alpha is None or float(alpha) == 0.0:
-        return 1.0
-    return float(alpha) / rank
+    return 1.0 if rank is None else scale_of(alpha, rank)  # both sides full: no rank, scale 1
 
 
 def delta_weight(weights: dict[str, torch.Tensor], scale: float, weight_shape: tuple[int, ...]) -> torch.Tensor:

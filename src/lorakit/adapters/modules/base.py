@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.functional.layer import LayerSpec, effective_alpha, scale_of
 
 FORWARD_MODES = ("auto", "bypass", "merged")
 
@@ -53,7 +53,7 @@ class AdapterModule(nn.Module):
             self.register_parameter(name, nn.Parameter(tensor))
         self.param_names = tuple(weights)
         rank = self.rank
-        alpha = float(rank if alpha is None or float(alpha) == 0.0 else alpha)
+        alpha = effective_alpha(alpha, rank)  # stored as kohya does: alpha unset or 0 becomes the rank
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
         self.multiplier = 1.0
         self.dropouts = dropouts
@@ -72,7 +72,7 @@ class AdapterModule(nn.Module):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return scale_of(float(self.alpha), self.rank)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (without the multiplier), shaped like the base weight."""
