@@ -30,16 +30,69 @@ learning_rate = 1e-4
     ({"network_dim": 0}, r"network_dim = 0 is outside \[1, 4096\]"),
     ({"network_args": ["conv_dimm=3"]}, "did you mean 'conv_dim'"),
     ({"network_args": ["conv_dim"]}, "not key=value"),
-    ({"conv_alpha": 4}, "conv_dim is 0"),
     ({"network_dim": 2.5}, "whole number"),
     ({"lr_scheduler": "cosin"}, "did you mean 'cosine'"),
     ({"algo": "loha", "network_dropout": 0.1}, "rank_dropout"),
-    ({"network_module": "networks.dylora"}, "not supported"),
+    ({"network_module": "networks.dylora"}, r"network_module = 'networks.dylora' is not one of"),
+    ({"network_dim": float("inf")}, "network_dim = inf is not a valid int .*finite"),
+    ({"learning_rate": float("nan")}, "learning_rate = nan .*finite"),
+    ({"network_train_unet_only": True, "network_train_text_encoder_only": True}, "nothing would train"),
+    ({"learning_rate": 0}, "every learning rate at 0"),
+    ({"min_bucket_reso": 1024, "max_bucket_reso": 512}, "swap them"),
+    ({"resolution": "big"}, "resolution = 'big' is not a valid list"),
 ])
 def test_bad_values_name_the_field_and_the_fix(raw, message):
     with pytest.raises(ConfigError, match=message) as info:
         build_config(raw, "train.toml")
     assert str(info.value).startswith("train.toml: ")
+
+
+def test_conv_alpha_without_conv_dim_is_a_note_not_an_error():
+    """The brief's baseline-first workflow toggles conv_dim alone; conv_alpha may stay in the file."""
+    cfg = build_config({"conv_dim": 0, "conv_alpha": 4})
+    assert cfg.conv_alpha == 4.0 and not cfg.network.with_conv
+    assert any("conv_alpha = 4 has no effect at conv_dim 0" in n for n in cfg.notes)
+
+
+def test_five_problems_are_reported_in_one_message():
+    raw = {"netwrok_dim": 8, "network_alpha": float("inf"), "save_model_as": "ckpt", "min_bucket_reso": 900,
+           "max_bucket_reso": 512, "network_args": ["conv_dim=8", "algo=lohaa"]}
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, "five.toml")
+    text = str(info.value)
+    assert text.startswith("five.toml: 5 problems in the config:")
+    for part in ("unknown key 'netwrok_dim'; did you mean 'network_dim'", "network_alpha = inf",
+                 "save_model_as = 'ckpt'", "min_bucket_reso = 900 is above max_bucket_reso = 512",
+                 "network_args algo = 'lohaa' is not one of"):
+        assert part in text, part
+
+
+def test_resolution_takes_kohya_forms():
+    assert build_config({"resolution": 512}).resolution == [512, 512]
+    assert build_config({"resolution": "512,768"}).resolution == [512, 768]
+    assert build_config({"resolution": [640, 448]}).resolution == [640, 448]
+
+
+def test_network_keys_have_one_schema_and_one_set_of_defaults():
+    """The TOML keys of the network are NetworkConfig's fields: same defaults (kohya's: dim 4, alpha 1)."""
+    from lorakit.surgery.config import NetworkConfig
+    from lorakit.training.config import FIELDS, default_of
+
+    cfg = build_config({})
+    assert cfg.network == NetworkConfig()
+    assert (cfg.network_dim, cfg.network_alpha) == (4, 1.0)
+    assert FIELDS["network_dim"].metadata["help"] == NetworkConfig.__dataclass_fields__["network_dim"].metadata["help"]
+    assert default_of("network_dropout") == NetworkConfig().dropout
+
+
+def test_lycoris_network_args_reach_typed_fields():
+    cfg = build_config({"network_module": "lycoris.kohya", "network_args": [
+        "algo=lokr", "preset=attn-mlp", "use_cp=True", "factor=8", "decompose_both=True", "bypass_mode=True"]})
+    assert (cfg.algo, cfg.lycoris_preset, cfg.use_tucker, cfg.factor, cfg.decompose_both) == \
+        ("lokr", "attn-mlp", True, 8, True)
+    assert any("bypass_mode" in n for n in cfg.notes)
+    with pytest.raises(ConfigError, match="DoRA is not supported yet"):
+        build_config({"network_args": ["dora_wd=True"]})
 
 
 def test_presets_carry_the_brief_values_and_a_reason():

@@ -38,7 +38,12 @@ def _cmd_train(args, extra: list[str]) -> int:
     from lorakit.training.config import load_config, parse_overrides
     from lorakit.training.trainer import TrainingInterrupted, TrainingStopped, train
 
-    config = load_config(args.config, parse_overrides(extra))
+    path = None
+    if extra and not extra[0].startswith("--"):  # the config file is optional: only flags is fine too
+        path, extra = extra[0], extra[1:]
+    config = load_config(path, parse_overrides(extra))
+    for note in config.notes:
+        print(f"note: {note}", file=sys.stderr)
     try:
         result = train(config)
     except TrainingInterrupted as e:
@@ -179,8 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--modules", action="store_true", help="also list every module")
     p.set_defaults(func=_cmd_inspect)
-    p = sub.add_parser("train", help="train a LoRA/LoCon/LoHa/LoKr: lorakit train CONFIG.toml [--key value ...]")
-    p.add_argument("config", nargs="?", help="TOML with kohya's keys (optional: all keys can be flags)")
+    from lorakit.training.config import keys_help
+
+    p = sub.add_parser("train", help="train a LoRA/LoCon/LoHa/LoKr: lorakit train [CONFIG.toml] [--key value ...]",
+                       usage="lorakit train [CONFIG.toml] [--key value | --key=value | --flag ...]",
+                       description="CONFIG.toml uses sd-scripts' keys (kohya's --config_file TOML works as is); "
+                                   "every key can also be a flag, which overrides the file. kohya keys lorakit "
+                                   "does not implement are listed in docs/kohya-compatibility.md.",
+                       epilog="config keys:\n" + keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=_cmd_train, takes_extra=True)
     p = sub.add_parser("check-dataset", help="check images, captions, repeats and buckets before training")
     p.add_argument("target", help="folder of `N_name` subfolders, or a kohya dataset .toml")

@@ -19,7 +19,7 @@ from lorakit.evaluation.runs import EvalPlan, RunEvaluation, epoch_files, evalua
 from lorakit.evaluation.grid import Renderer
 from lorakit.evaluation.sweep_report import write_sweep_report
 from lorakit.formats.atomic import atomic_write
-from lorakit.training.config import FIELDS, ConfigError, build_config, did_you_mean
+from lorakit.training.config import FIELDS, ConfigError, build_config, default_of, did_you_mean
 from lorakit.training.trainer import Trainer
 
 RELATIVE_ALPHA = {"conv_alpha": "conv_dim", "network_alpha": "network_dim"}  # alpha axis -> its dim
@@ -50,7 +50,7 @@ def variants(base: dict, axes: list[tuple[str, list[str]]]) -> list[Variant]:
         for alpha, dim_key in RELATIVE_ALPHA.items():
             word = str(settings.get(alpha, "")).lower()
             if word in ("half", "equal"):
-                dim = float(settings.get(dim_key, base.get(dim_key, FIELDS[dim_key].default)) or 0)
+                dim = float(settings.get(dim_key, base.get(dim_key, default_of(dim_key))) or 0)
                 settings[alpha] = dim / 2 if word == "half" else dim
         if float(settings.get("conv_dim", base.get("conv_dim", 0)) or 0) == 0:
             settings.pop("conv_alpha", None)

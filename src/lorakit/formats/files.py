@@ -45,7 +45,7 @@ def network_metadata(network: LoraNetwork, title: str, v_prediction: bool = Fals
                      metadata: dict[str, str] | None = None) -> dict[str, str]:
     """The ss_*/modelspec.* metadata save_network writes (before the two hash keys)."""
     cfg = network.config
-    algo = cfg.algo if cfg else next(iter(network.adapters.values())).algo
+    algo = get_algorithm(cfg.algo).name if cfg else next(iter(network.adapters.values())).algo
     dim = cfg.network_dim if cfg else "Dynamic"
     alpha = float(cfg.network_alpha) if cfg else "Dynamic"
     args = cfg.network_args() if cfg else {"algo": algo}

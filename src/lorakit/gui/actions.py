@@ -19,12 +19,12 @@ def _optional_int(value) -> int | None:
     return None if value in (None, "") or value != value else int(value)  # NaN: an emptied number box
 
 
-def dataset_report(roots: Roots, target: str, caption_extension: str = ".txt", resolution: int = 512) -> str:
+def dataset_report(roots: Roots, target: str, caption_extension: str = ".txt", resolution="512") -> str:
     """`lorakit check-dataset`, inline."""
     from lorakit.training.dataset import format_dataset_report, load_specs, scan
 
     specs, notes = load_specs(roots.existing(target, "dataset folder"), caption_extension or ".txt",
-                              int(resolution or 512))
+                              resolution or 512)
     report = scan(specs)
     report.notes[:0] = notes
     return format_dataset_report(specs, report)

@@ -7,9 +7,9 @@ has them (and a U-Net being trained at all); elsewhere they are hidden and never
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass
+from dataclasses import dataclass
 
-from lorakit.training.config import FIELDS, HINTS, PRESETS, base_type
+from lorakit.training.config import FIELDS, HINTS, PRESETS, base_type, default_of
 
 LABELS = {
     "pretrained_model_name_or_path": "Base model", "train_data_dir": "Dataset folder", "algo": "Algorithm",
@@ -74,7 +74,7 @@ def field_spec(name: str, group: str = ADVANCED) -> FieldSpec:
     meta = f.metadata
     names = CHOICE_LABELS.get(name, {})
     choices = tuple((names.get(c, c), c) for c in meta.get("choices") or ())
-    default = f.default if f.default is not MISSING else None
+    default = default_of(name)
     return FieldSpec(name=name, label=LABELS.get(name, name.replace("_", " ").capitalize()), help=meta["help"],
                      kind=field_kind(name), default=default, lo=meta.get("lo"), hi=meta.get("hi"), choices=choices,
                      optional=default is None, group=group)

@@ -6,57 +6,103 @@ network is built, before any parameter is allocated.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lorakit.adapters.modules.base import FORWARD_MODES, Dropouts
 from lorakit.adapters.registry import get_algorithm
+from lorakit.options import opt
+
+
+LYCORIS_PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-transformer-only", "unet-convblock-only")
 
 
 @dataclass
 class NetworkConfig:
-    algo: str = field(default="lora", metadata={"help": "lora (= locon), loha or lokr"})
-    network_dim: int = field(default=4, metadata={"help": "rank of Linear and 1x1-conv adapters (attention, MLP)"})
-    network_alpha: float = field(default=1.0, metadata={"help": "strength: scale = network_alpha / network_dim"})
-    conv_dim: int = field(default=0, metadata={"help": "rank of kxk-conv adapters (LoCon); 0 = none, plain LoRA"})
-    conv_alpha: float | None = field(default=None, metadata={"help": "conv strength: conv_alpha / conv_dim; "
-                                                                     "unset = 1.0 as in kohya"})
-    block_dims: list[int] | None = field(default=None, metadata={"help": "per-block network_dim (25 SD1/2, 23 SDXL)"})
-    block_alphas: list[float] | None = field(default=None, metadata={"help": "per-block network_alpha"})
-    conv_block_dims: list[int] | None = field(default=None, metadata={"help": "per-block conv_dim"})
-    conv_block_alphas: list[float] | None = field(default=None, metadata={"help": "per-block conv_alpha"})
-    block_lr_weights: list[float] | None = field(default=None, metadata={
-        "help": "per-block learning-rate multipliers; 0 leaves the block without adapters"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on rank activations (LoRA/LoCon)"})
-    rank_dropout: float = field(default=0.0, metadata={"help": "per-sample rank mask probability"})
-    module_dropout: float = field(default=0.0, metadata={"help": "probability of skipping a module for a step"})
-    train_unet: bool = field(default=True, metadata={"help": "adapt the U-Net"})
-    train_text_encoder: bool = field(default=True, metadata={"help": "adapt the text encoder(s)"})
-    forward_mode: str = field(default="auto", metadata={"help": "auto (cheaper exact path per layer), bypass, merged"})
-    use_tucker: bool = field(default=False, metadata={"help": "Tucker core for kxk convs (lora_mid / hada_t / lokr_t2)"})
-    factor: int = field(default=-1, metadata={"help": "LoKr: cap on the small Kronecker factor (-1 balanced)"})
-    decompose_both: bool = field(default=False, metadata={"help": "LoKr: factorise W1 too"})
-    full_matrix: bool = field(default=False, metadata={"help": "LoKr: full W2 (scale 1, alpha ignored)"})
+    """What to adapt, with which rank and alpha. Field names are the TOML keys (kohya's); `arg` names the
+    key inside `network_args` where kohya/LyCORIS spell it differently."""
+    algo: str = opt("lora", "lora (= locon), loha or lokr", choices=("lora", "locon", "loha", "lokr"))
+    network_dim: int = opt(4, "rank of Linear and 1x1-conv adapters (attention, MLP); kohya's default 4",
+                           lo=1, hi=4096)
+    network_alpha: float = opt(1.0, "strength: scale = network_alpha / network_dim; 0 = network_dim (scale 1)",
+                               lo=0.0, hi=1e6)
+    conv_dim: int = opt(0, "rank of kxk-conv adapters (LoCon); 0 = none, plain LoRA", lo=0, hi=4096)
+    conv_alpha: float | None = opt(None, "conv strength: conv_alpha / conv_dim; unset = 1.0 as in kohya",
+                                   lo=0.0, hi=1e6)
+    block_dims: list[int] | None = opt(None, "per-block network_dim (25 SD1/2, 23 SDXL)", lo=0, hi=4096)
+    block_alphas: list[float] | None = opt(None, "per-block network_alpha", lo=0.0, hi=1e6)
+    conv_block_dims: list[int] | None = opt(None, "per-block conv_dim", lo=0, hi=4096)
+    conv_block_alphas: list[float] | None = opt(None, "per-block conv_alpha", lo=0.0, hi=1e6)
+    block_lr_weights: list[float] | None = opt(None, "per-block learning-rate multipliers; 0 leaves the block "
+                                                     "without adapters", lo=0.0, hi=1e6)
+    down_lr_weight: list[float] | None = opt(None, "kohya: LR multipliers of the 12 input blocks (IN00-IN11)",
+                                             lo=0.0, hi=1e6)
+    mid_lr_weight: float | None = opt(None, "kohya: LR multiplier of the middle block", lo=0.0, hi=1e6)
+    up_lr_weight: list[float] | None = opt(None, "kohya: LR multipliers of the 12 output blocks (OUT00-OUT11)",
+                                           lo=0.0, hi=1e6)
+    block_lr_zero_threshold: float = opt(0.0, "kohya: a block whose LR multiplier is at or below this gets no "
+                                              "adapters", lo=0.0, hi=1e6)
+    dropout: float = opt(0.0, "dropout on rank activations (LoRA/LoCon); kohya's network_dropout", lo=0.0, hi=0.99)
+    rank_dropout: float = opt(0.0, "per-sample rank mask probability", lo=0.0, hi=0.99)
+    module_dropout: float = opt(0.0, "probability of skipping a module for a step", lo=0.0, hi=0.99)
+    rank_dropout_scale: bool = opt(False, "LyCORIS: rescale kept ranks by 1/(1-rank_dropout)")
+    lycoris_preset: str | None = opt(None, "LyCORIS targeting preset (network_args `preset`)",
+                                     choices=LYCORIS_PRESETS, arg="preset")
+    use_tucker: bool = opt(False, "Tucker core for kxk convs (lora_mid / hada_t / lokr_t2); LyCORIS use_cp too")
+    use_scalar: bool = opt(False, "LyCORIS: a trained scalar multiplies the adapter (starts at 0, up/down random)")
+    factor: int = opt(-1, "LoKr: cap on the small Kronecker factor (-1 balanced)", lo=-1, hi=4096)
+    decompose_both: bool = opt(False, "LoKr: factorise W1 too")
+    full_matrix: bool = opt(False, "LoKr: full W2 (scale 1, alpha ignored)")
+    unbalanced_factorization: bool = opt(False, "LoKr: swap the two factors (the larger one in W1)")
+    train_norm: bool = opt(False, "LyCORIS: also train the norm layers' weight and bias")
+    loraplus_lr_ratio: float | None = opt(None, "LoRA+: up matrices train at this multiple of the LR", lo=0.0,
+                                          hi=1e6)
+    loraplus_unet_lr_ratio: float | None = opt(None, "LoRA+ ratio for the U-Net only", lo=0.0, hi=1e6)
+    loraplus_text_encoder_lr_ratio: float | None = opt(None, "LoRA+ ratio for the text encoder(s) only", lo=0.0,
+                                                       hi=1e6)
+    train_unet: bool = opt(True, "adapt the U-Net (TOML: network_train_text_encoder_only)")
+    train_text_encoder: bool = opt(True, "adapt the text encoder(s) (TOML: network_train_unet_only)")
+    forward_mode: str = opt("auto", "auto (cheaper exact path per layer), bypass, merged", choices=FORWARD_MODES)
 
     def __post_init__(self):
-        algo = get_algorithm(self.algo)  # raises with the list of algorithms
-        self.algo = algo.name
-        if self.network_dim < 0 or self.conv_dim < 0:
-            raise ValueError("network_dim and conv_dim must be >= 0")
-        if self.forward_mode not in FORWARD_MODES:
-            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
-        self.dropouts()  # range checks
-        if self.dropout > 0 and algo.name != "lora":
-            raise ValueError(f"dropout is for LoRA/LoCon rank activations; {algo.name} takes rank_dropout/module_dropout")
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every cross-field problem at once (each one line, naming the keys and the fix)."""
+        out = []
+        try:
+            algo = get_algorithm(self.algo).name
+        except ValueError as e:
+            return [str(e)]
+        for name in ("dropout", "rank_dropout", "module_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                out.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.dropout > 0 and algo != "lora":
+            out.append(f"network_dropout is for LoRA/LoCon rank activations; {algo} takes rank_dropout/"
+                       "module_dropout")
         if self.conv_block_alphas is not None and not self.conv_block_dims and not self.conv_dim:
-            raise ValueError("conv_block_alphas given but no conv layers are adapted (set conv_dim or conv_block_dims)")
-        if self.conv_alpha is not None and not self.conv_dim and not self.conv_block_dims:
-            raise ValueError("conv_alpha given but conv_dim is 0: set conv_dim > 0 to train conv layers (LoCon)")
-        if algo.name != "lokr" and (self.factor != -1 or self.decompose_both or self.full_matrix):
-            raise ValueError("factor / decompose_both / full_matrix apply to algo 'lokr' only")
+            out.append("conv_block_alphas given but no conv layers are adapted (set conv_dim or conv_block_dims)")
+        if algo != "lokr" and (self.factor != -1 or self.decompose_both or self.full_matrix
+                               or self.unbalanced_factorization):
+            out.append("factor / decompose_both / full_matrix / unbalanced_factorization apply to algo 'lokr' only")
+        if not self.train_unet and not self.train_text_encoder:
+            out.append("network_train_unet_only and network_train_text_encoder_only are both set: nothing would "
+                       "train; keep one of them")
         for name in ("block_dims", "conv_block_dims"):
             values = getattr(self, name)
             if values is not None and any(int(v) < 0 for v in values):
-                raise ValueError(f"{name} must be >= 0")
+                out.append(f"{name} must be >= 0")
+        return out
+
+    def notes(self) -> list[str]:
+        """Settings that are valid but have no effect, said once."""
+        out = []
+        if self.conv_alpha is not None and not self.with_conv:
+            out.append(f"conv_alpha = {self.conv_alpha:g} has no effect at conv_dim 0 (no conv layer is adapted)")
+        if self.with_conv and not self.train_unet:
+            out.append("conv_dim has no effect: only the text encoder trains, and it has no conv layers")
+        return out
 
     def dropouts(self) -> Dropouts:
         return Dropouts(self.dropout, self.rank_dropout, self.module_dropout)
@@ -96,7 +142,7 @@ class NetworkConfig:
 
     def network_args(self) -> dict[str, str | None]:
         """kohya-style ss_network_args: raw string values, as readers expect."""
-        args: dict[str, str | None] = {"algo": self.algo}
+        args: dict[str, str | None] = {"algo": get_algorithm(self.algo).name}
         if self.with_conv:
             args["conv_dim"] = str(self.conv_dim)
             args["conv_alpha"] = str(1.0 if self.conv_alpha is None else self.conv_alpha)

@@ -1,115 +1,68 @@
-"""TrainConfig: one typed schema for TOML files, `--key value` CLI overrides and (later) GUI fields.
+"""Reading a training config: TOML file + `--key value` flags -> a validated TrainConfig, every problem at once.
 
-Names follow kohya's sd-scripts where they exist, so existing configs work. Every field carries help text
-and, where it applies, a range or a set of choices. Unknown keys are errors with a "did you mean"; kohya's
-`network_args = ["conv_dim=8", ...]` strings are parsed once, here, into typed fields.
+    config = load_config("train.toml", {"network_dim": "16"})
+    config.notes   # settings accepted without effect, each with why
+
+The schema is lorakit.training.schema (TrainConfig, with NetworkConfig nested). Keys are sd-scripts' names;
+kohya's own keys that lorakit does not implement are looked up in the key table (lorakit/data/kohya_keys.toml):
+accepted with a note when they do not change what is trained, refused with the reason otherwise. Keys that
+neither knows are errors with a "did you mean". `network_args = ["conv_dim=8", ...]` strings are typed here.
 """
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
-import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
+from lorakit.options import base_type, list_item_type
 from lorakit.surgery.config import NetworkConfig
+from lorakit.training.kohya_table import KOHYA_KEYS
+from lorakit.training.schema import NETWORK_KEY_OF_FIELD, PRESETS, TrainConfig
+
+__all__ = ["ConfigError", "TrainConfig", "PRESETS", "FIELDS", "HINTS", "load_config", "build_config", "coerce",
+           "parse_overrides", "read_config_values", "did_you_mean", "base_type", "default_of", "keys_help"]
 
 
 class ConfigError(ValueError):
     """A configuration problem, naming the field (and file) and the fix."""
 
 
-def opt(default, help: str, *, lo=None, hi=None, choices=None):
-    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices})
+# ---- the key registry: TOML key -> (owner, field name) ---------------------------------------------------------
+INTERNAL_NETWORK_FIELDS = ("train_unet", "train_text_encoder", "forward_mode")  # set from other keys / code
 
 
-PRESETS = {  # from the design brief's table of starting points
-    "character": dict(network_dim=32, network_alpha=16.0, conv_dim=0,
-                      why="attention learns the concept (face, clothes); no conv keeps the base model's look"),
-    "style": dict(network_dim=8, network_alpha=8.0, conv_dim=32, conv_alpha=16.0,
-                  why="conv layers carry texture, colour and line quality; conv_alpha = conv_dim/2 damps baking-in"),
-    "character-style": dict(network_dim=32, network_alpha=16.0, conv_dim=32, conv_alpha=16.0,
-                            why="both the concept (attention) and the look (conv), at moderate strength"),
+def _registry() -> dict[str, tuple[str, str]]:
+    keys = {f.name: ("train", f.name) for f in fields(TrainConfig) if f.name != "network"}
+    for f in fields(NetworkConfig):
+        if f.name not in INTERNAL_NETWORK_FIELDS:
+            keys[NETWORK_KEY_OF_FIELD.get(f.name, f.name)] = ("network", f.name)
+    return keys
+
+
+KEYS = _registry()
+_TRAIN_HINTS = typing.get_type_hints(TrainConfig)
+_NETWORK_HINTS = typing.get_type_hints(NetworkConfig)
+_FIELDS_BY_OWNER = {"train": {f.name: f for f in fields(TrainConfig)}, "network": {f.name: f for f in fields(NetworkConfig)}}
+FIELDS = {key: _FIELDS_BY_OWNER[owner][name] for key, (owner, name) in KEYS.items()}
+HINTS = {key: (_TRAIN_HINTS if owner == "train" else _NETWORK_HINTS)[name] for key, (owner, name) in KEYS.items()}
+
+# network_args: the key inside the list -> the TOML key it sets
+NETWORK_ARG_KEYS = {(_FIELDS_BY_OWNER["network"][name].metadata.get("arg") or name): key
+                    for key, (owner, name) in KEYS.items() if owner == "network"}
+NETWORK_ARG_KEYS["use_cp"] = "use_tucker"  # LyCORIS's older name
+NETWORK_ARGS_WITHOUT_EFFECT = {  # LyCORIS/kohya network_args accepted with a note
+    "bypass_mode": "lorakit picks the cheaper exact path (bypass or merged) per layer by itself",
 }
-
-
-@dataclass
-class TrainConfig:
-    # ---- model ----
-    pretrained_model_name_or_path: str | None = opt(None, "base model: single file or diffusers folder; "
-                                                          "unset = the embedded tiny model")
-    v_parameterization: bool = opt(False, "the base model predicts v (SD2 768-v)")
-    clip_skip: int = opt(1, "use the n-th last text-encoder layer", lo=1, hi=12)
-    # ---- network (see lorakit.surgery.config.NetworkConfig) ----
-    preset: str | None = opt(None, "starting values from the design brief", choices=tuple(PRESETS))
-    algo: str = opt("lora", "lora (= locon), loha or lokr", choices=("lora", "locon", "loha", "lokr"))
-    network_module: str | None = opt(None, "kohya name: networks.lora or lycoris.kohya (algo then picks)")
-    network_dim: int = opt(8, "rank of attention/linear adapters", lo=1, hi=4096)
-    network_alpha: float = opt(4.0, "attention/linear strength: alpha/dim", lo=0.0)
-    conv_dim: int = opt(0, "rank of 3x3-conv adapters (LoCon); 0 = plain LoRA", lo=0, hi=4096)
-    conv_alpha: float | None = opt(None, "conv strength: conv_alpha/conv_dim (unset: 1.0 as in kohya)", lo=0.0)
-    block_dims: list[int] | None = opt(None, "per-block network_dim (25 SD1/2, 23 SDXL)")
-    block_alphas: list[float] | None = opt(None, "per-block network_alpha")
-    conv_block_dims: list[int] | None = opt(None, "per-block conv_dim")
-    conv_block_alphas: list[float] | None = opt(None, "per-block conv_alpha")
-    block_lr_weights: list[float] | None = opt(None, "per-block LR multipliers; 0 drops the block")
-    network_dropout: float = opt(0.0, "dropout on rank activations (LoRA/LoCon)", lo=0.0, hi=0.99)
-    rank_dropout: float = opt(0.0, "rank dropout probability", lo=0.0, hi=0.99)
-    module_dropout: float = opt(0.0, "module dropout probability", lo=0.0, hi=0.99)
-    network_args: list[str] | None = opt(None, 'kohya form: ["conv_dim=8", "conv_alpha=4", "algo=loha"]')
-    network_train_unet_only: bool = opt(False, "do not train the text encoder")
-    network_train_text_encoder_only: bool = opt(False, "do not train the U-Net")
-    # ---- data ----
-    train_data_dir: str | None = opt(None, "folder of `N_name` subfolders (kohya convention)")
-    dataset_config: str | None = opt(None, "kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]])")
-    resolution: int = opt(512, "training resolution (square side)", lo=64, hi=4096)
-    train_batch_size: int = opt(1, "batch size", lo=1, hi=1024)
-    caption_extension: str = opt(".txt", "caption file extension")
-    cache_latents_to_disk: bool = opt(False, "also keep VAE latents on disk (reused while image and VAE are unchanged)")
-    latent_cache_dir: str | None = opt(None, "where disk latents go (unset: <output_dir>/latent-cache)")
-    # ---- optimisation ----
-    learning_rate: float = opt(1e-4, "default learning rate", lo=0.0, hi=1.0)
-    unet_lr: float | None = opt(None, "U-Net LR (unset: learning_rate; 0 freezes)", lo=0.0, hi=1.0)
-    text_encoder_lr: float | None = opt(None, "text-encoder LR (unset: learning_rate; 0 freezes)", lo=0.0, hi=1.0)
-    optimizer_type: str = opt("AdamW", "optimizer", choices=("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor"))
-    lr_scheduler: str = opt("constant", "LR schedule", choices=("constant", "cosine", "linear",
-                                                                "constant_with_warmup"))
-    lr_warmup_steps: int = opt(0, "warmup steps", lo=0)
-    max_train_steps: int = opt(1600, "training steps (max_train_epochs overrides)", lo=1)
-    max_train_epochs: int | None = opt(None, "training epochs", lo=1)
-    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", lo=1)
-    gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
-    mixed_precision: str = opt("no", "autocast dtype", choices=("no", "fp16", "bf16"))
-    seed: int = opt(42, "random seed", lo=0)
-    noise_offset: float = opt(0.0, "noise offset", lo=0.0, hi=1.0)
-    min_snr_gamma: float | None = opt(None, "min-SNR weighting gamma (5 is common)", lo=0.0)
-    # ---- outputs ----
-    output_dir: str = opt("output", "where files go")
-    output_name: str = opt("lora", "file stem of saved LoRAs")
-    save_every_n_epochs: int | None = opt(None, "save a file every N epochs", lo=1)
-    save_precision: str = opt("fp16", "dtype of saved tensors", choices=("float", "fp16", "bf16"))
-    sample_every_n_epochs: int | None = opt(None, "render samples every N epochs", lo=1)
-    sample_prompts: str | None = opt(None, "prompt file (kohya syntax: --n --w --h --d --l --s)")
-    logging_dir: str | None = opt(None, "TensorBoard log folder: loss, LR, per-block dW norms (attention vs conv)")
-    save_state: bool = opt(False, "also save the training state with every epoch file (for --resume)")
-    resume: str | None = opt(None, "continue from a `<output_name>-state` folder (same losses as an unbroken run)")
-
-    def network_config(self) -> NetworkConfig:
-        algo = "lora" if self.algo == "locon" else self.algo
-        return NetworkConfig(
-            algo=algo, network_dim=self.network_dim, network_alpha=self.network_alpha, conv_dim=self.conv_dim,
-            conv_alpha=self.conv_alpha, block_dims=self.block_dims, block_alphas=self.block_alphas,
-            conv_block_dims=self.conv_block_dims, conv_block_alphas=self.conv_block_alphas,
-            block_lr_weights=self.block_lr_weights, dropout=self.network_dropout, rank_dropout=self.rank_dropout,
-            module_dropout=self.module_dropout, train_unet=not self.network_train_text_encoder_only,
-            train_text_encoder=not self.network_train_unet_only)
-
-
-FIELDS = {f.name: f for f in fields(TrainConfig)}
-HINTS = typing.get_type_hints(TrainConfig)  # resolved annotations (this module uses postponed evaluation)
-NETWORK_ARG_KEYS = ("algo", "conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims",
-                    "conv_block_alphas", "block_lr_weights", "rank_dropout", "module_dropout", "dropout")
+NETWORK_ARGS_REFUSED = {  # LyCORIS/kohya network_args lorakit cannot honour yet, with what to do instead
+    "dora_wd": "DoRA is not supported yet (its own issue); remove dora_wd to train plain LoRA/LoCon/LoHa/LoKr",
+    "wd_on_output": "belongs to DoRA (dora_wd), which is not supported yet; remove it",
+    "weight_decompose": "DoRA (LyCORIS's old name for dora_wd) is not supported yet; remove it",
+    "constrain": "is an OFT/BOFT option; lorakit trains LoRA/LoCon/LoHa/LoKr",
+    "rescaled": "is an OFT/BOFT option; lorakit trains LoRA/LoCon/LoHa/LoKr",
+}
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, object] | None = None,
@@ -132,7 +85,7 @@ def read_config_values(path: str | Path) -> dict[str, object]:
 def _flatten(data: dict) -> dict:
     flat = {}
     for key, value in data.items():
-        if isinstance(value, dict) and key not in FIELDS:  # kohya groups keys in tables; names stay unique
+        if isinstance(value, dict) and key not in KEYS:  # kohya groups keys in tables; names stay unique
             flat.update(_flatten(value))
         else:
             flat[key] = value
@@ -140,43 +93,121 @@ def _flatten(data: dict) -> dict:
 
 
 def build_config(raw: dict[str, object], where: str = "<config>") -> TrainConfig:
-    values = {}
-    preset = raw.get("preset")
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"{where}: preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
-        values.update({k: v for k, v in PRESETS[preset].items() if k != "why"})
+    """Validate everything, then build. All problems are reported in one ConfigError."""
+    problems: list[str] = []
+    notes: list[str] = []
+    values = _preset_values(raw.get("preset"), problems)
     for key, value in raw.items():
-        if key not in FIELDS:
-            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, FIELDS)}")
-        values[key] = coerce(key, value, where)
-    for key, value in parse_network_args(values.get("network_args") or [], where).items():
+        _take_key(key, value, values, problems, notes)
+    for key, value in _network_arg_values(values.get("network_args") or [], problems, notes).items():
         values[key] = value
-    module = values.get("network_module")
-    if module not in (None, "networks.lora", "lycoris.kohya"):
-        raise ConfigError(f"{where}: network_module {module!r} is not supported; use networks.lora or lycoris.kohya")
-    config = TrainConfig(**values)
-    try:
-        config.network_config()  # cross-field checks (conv settings without conv_dim, dropout on loha, ...)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    config = _assemble(values, problems, notes)
+    if problems:
+        head = f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the config"
+        raise ConfigError(head + ":\n" + "\n".join(f"  - {p}" for p in problems))
+    config.notes = notes
     return config
 
 
-def parse_network_args(args: list[str], where: str) -> dict[str, object]:
+def _preset_values(preset, problems: list[str]) -> dict:
+    if preset is None:
+        return {}
+    if preset not in PRESETS:
+        problems.append(f"preset = {preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        return {}
+    return {k: v for k, v in PRESETS[preset].items() if k != "why"}
+
+
+def _take_key(key: str, value, values: dict, problems: list[str], notes: list[str]) -> None:
+    """One raw key: a schema key is typed and range-checked; a kohya key follows its table status."""
+    entry = KOHYA_KEYS.get(key)
+    if entry is not None and entry.values_ok and str(value).lower() not in [str(v).lower() for v in entry.values_ok]:
+        problems.append(f"{key} = {value!r}: {entry.values_refused_note}")
+        return
+    if key in KEYS:
+        try:
+            values[key] = coerce(key, value)
+        except ConfigError as e:
+            problems.append(str(e))
+        return
+    if entry is None:
+        problems.append(f"unknown key {key!r}{did_you_mean(key, [*KEYS, *KOHYA_KEYS])}")
+    elif entry.status == "no_effect":
+        notes.append(f"{key}: accepted, no effect: {entry.note}")
+    elif entry.status == "refused":
+        problems.append(f"{key} is not supported: {entry.note}")
+    else:  # the table says implemented but the schema has no such key: a lorakit bug, said plainly
+        problems.append(f"{key}: listed as implemented in lorakit's kohya key table but missing from its schema "
+                        "(please report this)")
+
+
+def _network_arg_values(args: list[str], problems: list[str], notes: list[str]) -> dict[str, object]:
     out = {}
     for item in args:
-        key, eq, value = str(item).partition("=")
-        key = key.strip()
+        arg, eq, value = str(item).partition("=")
+        arg, value = arg.strip(), value.strip()
         if not eq:
-            raise ConfigError(f"{where}: network_args item {item!r} is not key=value")
-        if key not in NETWORK_ARG_KEYS:
-            raise ConfigError(f"{where}: network_args key {key!r} is not supported{did_you_mean(key, NETWORK_ARG_KEYS)}")
-        name = "network_dropout" if key == "dropout" else key
-        if key == "dropout" and value.strip().lower() in ("none", "null", ""):
+            problems.append(f"network_args item {item!r} is not key=value")
+        elif arg in NETWORK_ARGS_WITHOUT_EFFECT:
+            notes.append(f"network_args {arg}: accepted, no effect: {NETWORK_ARGS_WITHOUT_EFFECT[arg]}")
+        elif arg in NETWORK_ARGS_REFUSED:
+            if value.lower() not in ("false", "none", "0", ""):
+                problems.append(f"network_args {arg}={value}: {NETWORK_ARGS_REFUSED[arg]}")
+        elif arg not in NETWORK_ARG_KEYS:
+            known = [*NETWORK_ARG_KEYS, *NETWORK_ARGS_WITHOUT_EFFECT, *NETWORK_ARGS_REFUSED]
+            problems.append(f"network_args key {arg!r} is not supported{did_you_mean(arg, known)}")
+        elif arg == "dropout" and value.lower() in ("none", "null", ""):
             continue  # kohya writes dropout=None when --network_dropout is unset
-        out[name] = coerce(name, value.strip(), where, from_string=True)
+        else:
+            key = NETWORK_ARG_KEYS[arg]
+            try:
+                out[key] = coerce(key, value, from_string=True, label=f"network_args {arg}")
+            except ConfigError as e:
+                problems.append(str(e))
     return out
+
+
+def _assemble(values: dict, problems: list[str], notes: list[str]) -> TrainConfig | None:
+    """Typed values -> TrainConfig with its NetworkConfig; cross-field problems and notes are collected."""
+    train = {k: v for k, v in values.items() if KEYS[k][0] == "train"}
+    net = {KEYS[k][1]: v for k, v in values.items() if KEYS[k][0] == "network"}
+    net["train_unet"] = not values.get("network_train_text_encoder_only", False)
+    net["train_text_encoder"] = not values.get("network_train_unet_only", False)
+    network = NetworkConfig.__new__(NetworkConfig)  # fields first, checks collected below (not raised one by one)
+    for f in fields(NetworkConfig):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        setattr(network, f.name, net.get(f.name, default))
+    problems.extend(network.problems())
+    notes.extend(network.notes())
+    config = TrainConfig(network=network, **train)
+    problems.extend(cross_field_problems(config))
+    return config
+
+
+def cross_field_problems(config: TrainConfig) -> list[str]:
+    """Checks across keys of the training schema (each line names the keys and the fix)."""
+    out = []
+    if len(config.resolution) not in (1, 2):
+        out.append(f"resolution = {config.resolution}: give one side (512) or \"W,H\" (512,768)")
+    if config.min_bucket_reso > config.max_bucket_reso:
+        out.append(f"min_bucket_reso = {config.min_bucket_reso} is above max_bucket_reso = "
+                   f"{config.max_bucket_reso}; swap them")
+    if config.min_timestep is not None and config.max_timestep is not None and \
+            config.min_timestep >= config.max_timestep:
+        out.append(f"min_timestep = {config.min_timestep} must be below max_timestep = {config.max_timestep}")
+    lrs = [config.learning_rate if v is None else v for v in (config.unet_lr, config.text_encoder_lr)]
+    if all(lr == 0 for lr in lrs):
+        out.append("learning_rate, unet_lr and text_encoder_lr leave every learning rate at 0: nothing would "
+                   "train; set learning_rate (1e-4 is common)")
+    if config.dim_from_weights and not config.network_weights:
+        out.append("dim_from_weights needs network_weights (the LoRA file to take dims from)")
+    return out
+
+
+def default_of(key: str):
+    """The schema default of a TOML key (a fresh copy for list defaults)."""
+    f = FIELDS[key]
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def did_you_mean(key: str, known) -> str:
@@ -184,33 +215,64 @@ def did_you_mean(key: str, known) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def coerce(key: str, value, where: str, from_string: bool = False):
-    """Value -> the field's type, range-checked. Strings (CLI, network_args) are parsed."""
-    f = FIELDS[key]
-    kind = base_type(HINTS[key])
-    meta = f.metadata
+def coerce(key: str, value, where: str = "", from_string: bool = False, label: str | None = None):
+    """Value -> the key's type, finite and range-checked. Strings (CLI, network_args) are parsed.
+
+    `where` is accepted for callers that name a file; the message names the key (label) either way."""
+    f, hint = FIELDS[key], HINTS[key]
+    kind, meta, label = base_type(hint), f.metadata, label or key
+    prefix = f"{where}: " if where else ""
     if value is None or (from_string and str(value).lower() in ("none", "null")):
-        if f.default is not MISSING and f.default is None:
+        if f.default is None:
             return None
-        raise ConfigError(f"{where}: {key} cannot be empty ({meta['help']})")
+        raise ConfigError(f"{prefix}{label} cannot be empty ({meta['help']})")
     try:
-        if kind is list:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            inner = _list_item_type(HINTS[key])
-            value = [inner(str(v).strip()) if isinstance(v, str) else inner(v) for v in items if str(v).strip()]
-        elif kind is bool:
-            value = _parse_bool(value)
-        elif kind in (int, float):
-            if isinstance(value, bool):
-                raise ValueError("a number is required, not true/false")
-            value = _number(kind, value)
-        else:
-            value = str(value)
+        value = _typed(kind, hint, value)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {key} = {value!r} is not a valid {kind.__name__} ({e}); {meta['help']}") from None
-    _check_range(key, value, meta, where)
-    if meta.get("choices") and value not in meta["choices"]:
-        value = next(c for c in meta["choices"] if c.lower() == str(value).lower())
+        raise ConfigError(f"{prefix}{label} = {value!r} is not a valid {kind.__name__} ({e}); {meta['help']}") from None
+    if key == "resolution" and len(value) == 1:
+        value = value * 2  # kohya: one number is a square
+    return _checked(label, value, meta, prefix)
+
+
+def _typed(kind, hint, value):
+    if kind is list:
+        items = value.split(",") if isinstance(value, str) else (list(value) if isinstance(value, (list, tuple))
+                                                                 else [value])
+        inner = list_item_type(hint)
+        return [_scalar(inner, v.strip() if isinstance(v, str) else v) for v in items if str(v).strip()]
+    return _scalar(kind, value)
+
+
+def _scalar(kind, value):
+    if kind is bool:
+        return _parse_bool(value)
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ValueError("a number is required, not true/false")
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError("it must be a finite number")
+        if kind is int and number != int(number):
+            raise ValueError("a whole number is required")
+        return int(number) if kind is int else number
+    if isinstance(value, (dict, list)):
+        raise ValueError("a single value is required")
+    return str(value)
+
+
+def _checked(label: str, value, meta, prefix: str):
+    choices = meta.get("choices")
+    if choices:
+        match = [c for c in choices if str(c).lower() == str(value).lower()]  # kohya: case-insensitive
+        if not match:
+            raise ConfigError(f"{prefix}{label} = {value!r} is not one of {list(choices)}"
+                              f"{did_you_mean(str(value), [str(c) for c in choices])}")
+        value = match[0]
+    for v in value if isinstance(value, list) else [value]:
+        if meta.get("lo") is not None and v < meta["lo"] or meta.get("hi") is not None and v > meta["hi"]:
+            raise ConfigError(f"{prefix}{label} = {value!r} is outside [{meta.get('lo')}, {meta.get('hi')}]; "
+                              f"{meta['help']}")
     return value
 
 
@@ -226,7 +288,9 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
         key = key.replace("-", "_")
         if not eq:
             takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            if key in FIELDS and base_type(HINTS[key]) is bool and not takes_value:
+            is_flag = key in KEYS and base_type(HINTS[key]) is bool or \
+                key in KOHYA_KEYS and KOHYA_KEYS[key].type == "bool-flag"
+            if is_flag and not takes_value:
                 value = "true"
             elif takes_value:
                 i += 1
@@ -236,28 +300,6 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
         out[key] = value
         i += 1
     return out
-
-
-def _check_range(key, value, meta, where):
-    values = value if isinstance(value, list) else [value]
-    if meta.get("choices") and value not in meta["choices"]:
-        canonical = [c for c in meta["choices"] if c.lower() == str(value).lower()]  # kohya: case-insensitive
-        if canonical:
-            return
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{where}: {key} = {value!r} is not one of {list(meta['choices'])}{did_you_mean(str(value), meta['choices'])}")
-    for v in values:
-        if meta.get("lo") is not None and v < meta["lo"] or meta.get("hi") is not None and v > meta["hi"]:
-            raise ConfigError(f"{where}: {key} = {value!r} is outside [{meta.get('lo')}, {meta.get('hi')}]; {meta['help']}")
-
-
-def _number(kind, value):
-    if kind is int:
-        number = float(value)
-        if number != int(number):
-            raise ValueError("a whole number is required")
-        return int(number)
-    return float(value)
 
 
 def _parse_bool(value) -> bool:
@@ -271,14 +313,11 @@ def _parse_bool(value) -> bool:
     raise ValueError("expected true or false")
 
 
-def base_type(hint):
-    """int | None -> int; list[int] | None -> list; plain types unchanged."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return list if typing.get_origin(hint) is list else hint
-
-
-def _list_item_type(hint):
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return typing.get_args(hint)[0]
+def keys_help() -> str:
+    """Every config key with its help text (for `lorakit train --help`)."""
+    lines = []
+    for key in KEYS:
+        meta, default = FIELDS[key].metadata, default_of(key)
+        extra = f" [{', '.join(map(str, meta['choices']))}]" if meta.get("choices") else ""
+        lines.append(f"  --{key} ({base_type(HINTS[key]).__name__}, default {default}){extra}\n      {meta['help']}")
+    return "\n".join(lines)

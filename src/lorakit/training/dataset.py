@@ -50,7 +50,16 @@ SUBSET_KEYS = {f.name for f in fields(Subset)}
 DATASET_KEYS = {f.name for f in fields(DatasetSpec)} - {"subsets"}
 
 
-def from_folder(train_data_dir: str | Path, caption_extension: str = ".txt", resolution: int = 512,
+def as_size(resolution) -> tuple[int, int]:
+    """512 -> (512, 512); [512, 768] / "512,768" -> (512, 768), as kohya reads resolution."""
+    if isinstance(resolution, str):
+        resolution = [int(v) for v in resolution.split(",") if v.strip()]
+    if isinstance(resolution, (list, tuple)):
+        return (int(resolution[0]), int(resolution[-1]))
+    return (int(resolution), int(resolution))
+
+
+def from_folder(train_data_dir: str | Path, caption_extension: str = ".txt", resolution=512,
                 batch_size: int = 1) -> tuple[list[DatasetSpec], list[str]]:
     """kohya folder convention; returns the spec and warnings for folders that do not follow it."""
     root = Path(train_data_dir)
@@ -65,7 +74,7 @@ def from_folder(train_data_dir: str | Path, caption_extension: str = ".txt", res
         subsets.append(Subset(str(sub), int(m.group(1)), m.group(2), caption_extension))
     if not subsets:
         raise ConfigError(f"{root}: no `<repeats>_<class tokens>` subfolders (e.g. `{root}/10_sks dog/`)")
-    return [DatasetSpec(subsets, (resolution, resolution), batch_size)], notes
+    return [DatasetSpec(subsets, as_size(resolution), batch_size)], notes
 
 
 def from_toml(path: str | Path) -> list[DatasetSpec]:
@@ -91,8 +100,7 @@ def from_toml(path: str | Path) -> list[DatasetSpec]:
         if not subsets:
             raise ConfigError(f"{path}: [[datasets]] #{i + 1} has no [[datasets.subsets]]")
         spec_values = {k: v for k, v in merged.items() if k in DATASET_KEYS}
-        reso = spec_values.get("resolution", 512)
-        spec_values["resolution"] = tuple(reso) if isinstance(reso, (list, tuple)) else (reso, reso)
+        spec_values["resolution"] = as_size(spec_values.get("resolution", 512))
         specs.append(DatasetSpec(subsets, **spec_values))
     if not specs:
         raise ConfigError(f"{path}: no [[datasets]]")
@@ -233,7 +241,7 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(b[0] / b[1] - aspect), -b[0] * b[1]))
 
 
-def load_specs(target: str | Path, caption_extension: str = ".txt", resolution: int = 512) -> tuple[list, list]:
+def load_specs(target: str | Path, caption_extension: str = ".txt", resolution=512) -> tuple[list, list]:
     """A folder (kohya convention) or a dataset TOML -> (specs, notes)."""
     target = Path(target)
     if target.is_file() and target.suffix == ".toml":

@@ -56,7 +56,7 @@ def lora_metadata(trainer, progress) -> dict[str, str]:
             "ss_text_encoder_lr": str(cfg.text_encoder_lr), "ss_optimizer": cfg.optimizer_type,
             "ss_lr_scheduler": cfg.lr_scheduler, "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
             "ss_num_train_images": str(report.num_train_images), "ss_seed": str(cfg.seed),
-            "ss_resolution": f"({cfg.resolution}, {cfg.resolution})", "ss_clip_skip": str(cfg.clip_skip),
+            "ss_resolution": f"({cfg.resolution[0]}, {cfg.resolution[1]})", "ss_clip_skip": str(cfg.clip_skip),
             "ss_noise_offset": str(cfg.noise_offset), "ss_min_snr_gamma": str(cfg.min_snr_gamma),
             "ss_mixed_precision": cfg.mixed_precision, "ss_batch_size_per_device": str(trainer.specs[0].batch_size),
             "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),

@@ -18,14 +18,14 @@ class SamplePromptError(ValueError):
     """The sample prompt file cannot be used; the message names the file and line."""
 
 
-def load_sample_prompts(path: str | Path, resolution: int) -> list[SamplePrompt]:
+def load_sample_prompts(path: str | Path, resolution: tuple[int, int] | list[int]) -> list[SamplePrompt]:
     """Read a kohya prompt file (one prompt per line, `--n --w --h --d --l --s` options)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise SamplePromptError(f"sample_prompts {path}: cannot read ({e})") from None
-    defaults = SamplePrompt("", width=resolution, height=resolution)
+    defaults = SamplePrompt("", width=resolution[0], height=resolution[1])
     try:
         prompts = read_prompt_file(text, defaults)
     except ValueError as e:

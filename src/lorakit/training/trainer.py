@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -161,7 +161,7 @@ class Trainer:
         scheduler = make_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total)
         progress = Progress()
         if cfg.resume:
-            progress = load_state(cfg.resume, self.network, optimizer, scheduler, asdict(cfg))
+            progress = load_state(cfg.resume, self.network, optimizer, scheduler, cfg.settings())
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train(), self.network.train()
@@ -235,7 +235,7 @@ class Trainer:
             result.files.append(self.save(f"{cfg.output_name}-{progress.epoch:06d}", progress))
             if cfg.save_state and self.procs.is_main:
                 done = Progress(progress.step, progress.epoch + 1, 0, progress.micro, list(progress.losses))
-                save_state(self.state_dir, self.network, optimizer, scheduler, done, asdict(cfg))
+                save_state(self.state_dir, self.network, optimizer, scheduler, done, cfg.settings())
         if self.prompts and cfg.sample_every_n_epochs and progress.epoch % cfg.sample_every_n_epochs == 0:
             self.sample(f"{cfg.output_name}_e{progress.epoch:06d}", progress)
         if monitor:
@@ -266,7 +266,7 @@ class Trainer:
         stem = f"{self.config.output_name}-step{progress.step:06d}"
         path = self.save(stem, progress)
         if self.procs.is_main:
-            save_state(self.state_dir, self.network, run.optimizer, run.scheduler, progress, asdict(self.config))
+            save_state(self.state_dir, self.network, run.optimizer, run.scheduler, progress, self.config.settings())
             if run.monitor:
                 run.monitor.close()
         raise TrainingInterrupted(f"{signal_name}: stopped after step {progress.step}; saved {path} and the "
