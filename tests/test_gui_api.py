@@ -18,7 +18,7 @@ from lorakit.gui.settings import config_from_form, load_settings, save_settings,
 from lorakit.models.checkpoint import load_base_model
 from lorakit.models.styles import write_style_dataset
 from lorakit.surgery.network import create_network
-from lorakit.training.config import FIELDS, ConfigError, load_config
+from lorakit.training.config import FIELDS, ConfigError, default_of, load_config
 
 torch.set_num_threads(1)
 
@@ -49,7 +49,7 @@ def test_every_field_comes_from_the_schema_with_its_help_range_and_choices():
         meta = FIELDS[name].metadata
         assert spec.help == meta["help"] and (spec.lo, spec.hi) == (meta["lo"], meta["hi"])
         assert [value for _, value in spec.choices] == list(meta["choices"] or [])
-        assert spec.default == FIELDS[name].default
+        assert spec.default == default_of(name)
     assert specs["network_dim"].label == "Network Rank (Dimension)" and specs["network_dim"].kind == "int"
     assert specs["conv_alpha"].label == "Convolution Alpha" and specs["conv_alpha"].optional
     assert dict(specs["algo"].choices) == {"LoRA": "lora", "LoCon": "locon", "LoHa": "loha", "LoKr": "lokr"}

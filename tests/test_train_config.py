@@ -27,7 +27,7 @@ learning_rate = 1e-4
 
 @pytest.mark.parametrize("raw,message", [
     ({"netwrok_dim": 4}, "unknown key 'netwrok_dim'; did you mean 'network_dim'"),
-    ({"network_dim": 0}, r"network_dim = 0 is outside \[1, 4096\]"),
+    ({"network_dim": 0}, r"network_dim = 0 is outside \[1, 1000000\]"),
     ({"network_args": ["conv_dimm=3"]}, "did you mean 'conv_dim'"),
     ({"network_args": ["conv_dim"]}, "not key=value"),
     ({"network_dim": 2.5}, "whole number"),
@@ -113,3 +113,27 @@ def test_cli_overrides_are_typed_like_the_file(tmp_path):
     assert cfg.block_lr_weights == [1.0] * 25
     with pytest.raises(ConfigError, match="needs a value"):
         parse_overrides(["--network_dim"])
+
+
+def test_every_kohya_key_has_its_status_honoured_by_the_schema():
+    """implemented = a typed schema key; no_effect / refused = not in the schema (the table speaks for it)."""
+    from lorakit.training.config import KEYS
+    from lorakit.training.kohya_table import KOHYA_KEYS
+
+    implemented = {k for k, e in KOHYA_KEYS.items() if e.status == "implemented"}
+    assert implemented - set(KEYS) == set()
+    assert {k for k, e in KOHYA_KEYS.items() if e.status != "implemented"} & set(KEYS) == set()
+
+
+@pytest.mark.parametrize("key,value,outcome", [
+    ("xformers", True, "note"), ("max_data_loader_n_workers", 8, "note"), ("cache_latents", True, "note"),
+    ("save_model_as", "safetensors", "ok"), ("save_model_as", "ckpt", "never writes pickles"),
+    ("fp8_base", True, "not supported"), ("debug_dataset", False, "note"), ("use_8bit_adam", True, "AdamW8bit"),
+])
+def test_kohya_keys_by_status(key, value, outcome):
+    if outcome in ("note", "ok"):
+        cfg = build_config({key: value})
+        assert any(n.startswith(key) for n in cfg.notes) == (outcome == "note")
+    else:
+        with pytest.raises(ConfigError, match=outcome):
+            build_config({key: value})

@@ -21,11 +21,12 @@ class NetworkConfig:
     """What to adapt, with which rank and alpha. Field names are the TOML keys (kohya's); `arg` names the
     key inside `network_args` where kohya/LyCORIS spell it differently."""
     algo: str = opt("lora", "lora (= locon), loha or lokr", choices=("lora", "locon", "loha", "lokr"))
-    network_dim: int = opt(4, "rank of Linear and 1x1-conv adapters (attention, MLP); kohya's default 4",
-                           lo=1, hi=4096)
+    network_dim: int = opt(4, "rank of Linear and 1x1-conv adapters (attention, MLP); kohya's default 4. LoKr: a "
+                              "dim at least half the layer's factor size means full matrices, as in LyCORIS",
+                           lo=1, hi=1_000_000)
     network_alpha: float = opt(1.0, "strength: scale = network_alpha / network_dim; 0 = network_dim (scale 1)",
                                lo=0.0, hi=1e6)
-    conv_dim: int = opt(0, "rank of kxk-conv adapters (LoCon); 0 = none, plain LoRA", lo=0, hi=4096)
+    conv_dim: int = opt(0, "rank of kxk-conv adapters (LoCon); 0 = none, plain LoRA", lo=0, hi=1_000_000)
     conv_alpha: float | None = opt(None, "conv strength: conv_alpha / conv_dim; unset = 1.0 as in kohya",
                                    lo=0.0, hi=1e6)
     block_dims: list[int] | None = opt(None, "per-block network_dim (25 SD1/2, 23 SDXL)", lo=0, hi=4096)

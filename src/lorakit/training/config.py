@@ -134,11 +134,20 @@ def _take_key(key: str, value, values: dict, problems: list[str], notes: list[st
         problems.append(f"unknown key {key!r}{did_you_mean(key, [*KEYS, *KOHYA_KEYS])}")
     elif entry.status == "no_effect":
         notes.append(f"{key}: accepted, no effect: {entry.note}")
+    elif entry.status == "refused" and _is_kohya_default(entry, value):
+        notes.append(f"{key} = {value!r}: accepted, no effect: it is kohya's default (off)")
     elif entry.status == "refused":
         problems.append(f"{key} is not supported: {entry.note}")
     else:  # the table says implemented but the schema has no such key: a lorakit bug, said plainly
         problems.append(f"{key}: listed as implemented in lorakit's kohya key table but missing from its schema "
                         "(please report this)")
+
+
+def _is_kohya_default(entry, value) -> bool:
+    """A refused key left at sd-scripts' default (a false flag, an empty value) asks for nothing."""
+    if value in (None, "", [], False) or (entry.type == "bool-flag" and str(value).lower() == "false"):
+        return True
+    return entry.default is not None and str(value) == str(entry.default)
 
 
 def _network_arg_values(args: list[str], problems: list[str], notes: list[str]) -> dict[str, object]:
