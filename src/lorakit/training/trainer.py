@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lorakit.formats.atomic import remove_stale_temp_files
+from lorakit.models import noise as nz
 from lorakit.models import objectives as obj
 from lorakit.surgery.network import LoraNetwork, create_network
 from lorakit.training.captions import process_caption
@@ -58,6 +61,52 @@ class RunState:
 def derived_seed(*parts) -> int:
     """A 63-bit seed from the run seed and a position (epoch, micro-batch, process): order-independent draws."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def noised_latents(cfg: TrainConfig, latents: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise ε, U-Net input x_t, timesteps t) as kohya's get_noise_noisy_latents_and_timesteps, drawn from
+    `gen` in its order: ε (offset noise, then pyramid noise), t ∈ [min_timestep, max_timestep), then the
+    input perturbation ξ. ξ reaches the input only: x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·(ε + γξ); the target uses ε."""
+    noise = obj.offset_noise(latents, cfg.noise_offset, gen, cfg.adaptive_noise_scale,
+                             cfg.noise_offset_random_strength)
+    if cfg.multires_noise_iterations:
+        noise = nz.pyramid_noise(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount, gen)
+    low = 0 if cfg.min_timestep is None else cfg.min_timestep
+    high = len(alphas_cumprod) if cfg.max_timestep is None else cfg.max_timestep
+    t = nz.sample_timesteps(latents.shape[0], low, high, gen).to(latents.device)
+    model_noise = noise
+    if cfg.ip_noise_gamma:
+        model_noise = nz.perturbed_noise(noise, cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength, gen)
+    return noise, obj.add_noise(latents, model_noise, alphas_cumprod, t), t
+
+
+def per_sample_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                    alphas_cumprod: torch.Tensor, snr_alphas_cumprod: torch.Tensor, v_prediction: bool,
+                    weights: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) losses in the order of kohya's process_batch and post_process_loss: the element loss of
+    loss_type (Huber threshold from alphas_cumprod), the mask, the mean over C x H x W, the per-sample
+    weights, then min-SNR, scale_v_pred_loss_like_noise_pred, v_pred_like_loss and debiased estimation, whose
+    SNR comes from snr_alphas_cumprod."""
+    huber_c = None
+    if cfg.loss_type in ("huber", "smooth_l1"):
+        huber_c = obj.huber_threshold(cfg.huber_schedule, cfg.huber_c, t, alphas_cumprod)
+    loss = obj.elementwise_loss(pred.float(), target.float(), cfg.loss_type, huber_c)
+    if masks is not None:
+        loss = obj.masked(loss, masks)
+    loss = loss.mean(dim=tuple(range(1, loss.dim())))
+    if weights is not None:
+        loss = loss * weights.to(loss)
+    ac = snr_alphas_cumprod
+    if cfg.min_snr_gamma:
+        loss = loss * obj.min_snr_weight(ac, t, cfg.min_snr_gamma, v_prediction).to(loss)
+    if cfg.scale_v_pred_loss_like_noise_pred:
+        loss = loss * obj.v_pred_scale(ac, t).to(loss)
+    if cfg.v_pred_like_loss:
+        loss = obj.add_v_pred_like_loss(loss, ac, t, cfg.v_pred_like_loss)
+    if cfg.debiased_estimation_loss:
+        loss = loss * obj.debiased_weight(ac, t, v_prediction).to(loss)
+    return loss
 
 
 class Trainer:
@@ -112,22 +161,23 @@ class Trainer:
         extra = {k: torch.stack([e[1][k] for e in entries]) for k in entries[0][1]} or None
         return torch.stack([e[0] for e in entries]), extra
 
-    def loss(self, latents: torch.Tensor, captions: list[str], rng: torch.Generator) -> torch.Tensor:
-        cfg = self.config
-        noise = obj.offset_noise(latents, cfg.noise_offset, rng)
-        t = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=rng).to(self.device)
-        noisy = obj.add_noise(latents, noise, self.alphas_cumprod, t)
+    def loss(self, latents: torch.Tensor, captions: list[str], rng: torch.Generator,
+             weights: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss of one micro-batch, in the order of kohya's process_batch (see noised_latents and
+        per_sample_loss). weights: (B,) per-sample loss weights (prior_loss_weight); masks: (B, 1, h, w) loss
+        masks in [0, 1] (masked_loss). Every draw comes from `rng`."""
+        cfg, v_pred = self.config, self.base.prediction_type == "v_prediction"
+        # kohya computes its SNR weights from the schedule before the zero-terminal-SNR rescale; only noising,
+        # targets and the Huber "snr" schedule see the rescaled one
+        schedule = nz.zero_terminal_snr(self.alphas_cumprod) if cfg.zero_terminal_snr else self.alphas_cumprod
+        noise, noisy, t = noised_latents(cfg, latents, schedule, rng)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         size = (latents.shape[-2] * 8, latents.shape[-1] * 8)  # pixels: the VAE downsamples 8x
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             context, extra = self.context(captions, size)
             pred = self.unet(noisy, t, context, added_cond_kwargs=extra).sample
-        weights = None
-        if cfg.min_snr_gamma:
-            weights = obj.min_snr_weight(self.alphas_cumprod, t, cfg.min_snr_gamma, self.base.prediction_type
-                                         == "v_prediction")
-        target = obj.target(latents, noise, self.alphas_cumprod, t, self.base.prediction_type == "v_prediction")
-        return obj.weighted_mse(pred, target, weights)
+        target = obj.target(latents, noise, schedule, t, v_pred)
+        return per_sample_loss(cfg, pred, target, t, schedule, self.alphas_cumprod, v_pred, weights, masks).mean()
 
     def micro_batch(self, cache: LatentCache, batch: list[int], micro: int) -> torch.Tensor:
         """Loss of one micro-batch; its flips, caption shuffles, noise, timesteps and dropout masks all come
@@ -151,6 +201,10 @@ class Trainer:
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, start = self.config, time.time()
+        if self.procs.is_main:
+            for folder in (self.out, self.state_dir):  # a save killed by SIGKILL leaves its temp file behind
+                for path in remove_stale_temp_files(folder):
+                    print(f"note: removed {path}, left by an interrupted save", file=sys.stderr)
         with tqdm(total=len(self.report.items), desc="caching latents", unit="img", leave=False,
                   disable=not self.procs.is_main) as bar:
             disk = (cfg.latent_cache_dir or self.out / "latent-cache") if cfg.cache_latents_to_disk else None
