@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -225,6 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     except (LoraFileError, ConfigError, ValueError) as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # a path that is a file, unwritable, missing, a full disk: name the path
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lorakit {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the safety net: one line, never a traceback, unless asked for
+        if os.environ.get("LORAKIT_DEBUG"):
+            raise
+        print(f"lorakit {args.command}: error: {type(e).__name__}: {e} (this is a lorakit bug if the input "
+              "looks right: please report it with LORAKIT_DEBUG=1 set for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

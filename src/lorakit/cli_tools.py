@@ -1,9 +1,28 @@
-"""`lorakit resize | extract | merge | blocks | convert`: the file tools' command lines (lorakit.tools does
-the work; these functions only parse and print)."""
+"""`lorakit resize | extract | merge | blocks | convert | import-config`: the file tools' command lines
+(lorakit.tools does the work; these functions only parse and print)."""
 from __future__ import annotations
+
+import argparse
 
 PRECISIONS = ("float", "fp16", "bf16")
 
+
+def whole_number(least: int):
+    """argparse type: an int >= least (argparse names the flag and the value in its error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text} is below {least}")
+        return value
+    parse.__name__ = f"whole number >= {least}"
+    return parse
+
+
+def finite_number(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 def _cmd_resize(args) -> int:
     from lorakit.tools.resize import resize_file
@@ -55,14 +74,26 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_import_config(args) -> int:
+    from lorakit.tools.import_kohya_ss import import_kohya_ss
+
+    done = import_kohya_ss(args.input, args.output)
+    for note in done.notes:
+        print(f"note: {note}")
+    if done.prompts_path:
+        print(f"wrote {done.prompts_path}")
+    print(f"wrote {done.path} (run: lorakit train {done.path})")
+    return 0
+
+
 def add_tool_commands(sub) -> None:
     p = sub.add_parser("resize", help="SVD rank reduction that keeps the strength (writes the new alpha)")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--rank", type=int, help="new rank for linear/1x1 layers (the cap with --dynamic)")
-    p.add_argument("--conv-rank", type=int, help="new rank for 3x3 conv layers (default: --rank)")
+    p.add_argument("--rank", type=whole_number(1), help="new rank for linear/1x1 layers (the cap with --dynamic)")
+    p.add_argument("--conv-rank", type=whole_number(1), help="new rank for 3x3 conv layers (default: --rank)")
     p.add_argument("--dynamic", choices=("sv_ratio", "sv_fro", "sv_cumulative"), help="per-module rank rule")
-    p.add_argument("--param", type=float, help="the dynamic rule's parameter")
+    p.add_argument("--param", type=finite_number, help="the dynamic rule's parameter")
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--verbose", action="store_true", help="print kept energy per module")
     p.set_defaults(func=_cmd_resize)
@@ -70,8 +101,8 @@ def add_tool_commands(sub) -> None:
     p.add_argument("base")
     p.add_argument("tuned")
     p.add_argument("output")
-    p.add_argument("--dim", type=int, default=4)
-    p.add_argument("--conv-dim", type=int, default=0, help="rank for 3x3 convs (0: skip them)")
+    p.add_argument("--dim", type=whole_number(1), default=4)
+    p.add_argument("--conv-dim", type=whole_number(0), default=0, help="rank for 3x3 convs (0: skip them)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp16")
     p.set_defaults(func=_cmd_extract)
     p = sub.add_parser("merge", help="LoRAs into a checkpoint (--checkpoint) or into one LoRA, exactly")
@@ -79,8 +110,8 @@ def add_tool_commands(sub) -> None:
     p.add_argument("--output", "-o", required=True)
     p.add_argument("--checkpoint", help="base model to bake the LoRAs into")
     p.add_argument("--mode", choices=("concat", "svd"), default="concat", help="LoRA+LoRA: exact concat or SVD")
-    p.add_argument("--rank", type=int)
-    p.add_argument("--conv-rank", type=int)
+    p.add_argument("--rank", type=whole_number(1))
+    p.add_argument("--conv-rank", type=whole_number(1))
     p.add_argument("--precision", choices=PRECISIONS)
     p.set_defaults(func=_cmd_merge)
     p = sub.add_parser("blocks", help="bake LoRA Block Weight presets or vectors into a file")
@@ -95,3 +126,7 @@ def add_tool_commands(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="override the detected base model family")
     p.set_defaults(func=_cmd_convert)
+    p = sub.add_parser("import-config", help="a kohya_ss GUI LoRA config (JSON) -> training TOML (sd-scripts keys)")
+    p.add_argument("input", help="the JSON that kohya_ss's LoRA tab saves")
+    p.add_argument("--output", "-o", required=True, help="the TOML to write")
+    p.set_defaults(func=_cmd_import_config)

@@ -19,6 +19,7 @@ from lorakit.adapters.functional import lora as F_lora
 from lorakit.adapters.functional.layer import scale_of
 from lorakit.formats.kohya import KeyProblem, file_family, group_by_module, parse_module
 from lorakit.formats.safetensors_io import LoraFileError, file_data_hash, read_header, read_safetensors
+from lorakit.formats.values import nonfinite_tensors, rank_mismatches
 from lorakit.surgery.blocks import SD_BLOCKS, SDXL_BLOCKS, block_of_kohya_name
 from lorakit.surgery.targets import te_block_label
 
@@ -35,6 +36,8 @@ def inspect_file(path: str | os.PathLike) -> dict:
         groups = group_by_module(tensors)
     except KeyError as e:
         raise LoraFileError(path, "key has no '<module>.<tensor>' form", str(e.args[0])) from None
+    if not groups:
+        raise LoraFileError(path, "the file holds no LoRA modules (an empty or metadata-only safetensors file)")
     family = file_family(metadata, list(groups))
     modules = []
     for name, suffixed in sorted(groups.items()):
@@ -42,6 +45,10 @@ def inspect_file(path: str | os.PathLike) -> dict:
             parsed = parse_module(name, suffixed)
         except KeyProblem as e:
             raise LoraFileError(path, str(e), e.key) from None
+        clash = rank_mismatches(parsed)
+        if clash:
+            raise LoraFileError(path, f"module {name}: {'; '.join(clash)}: the file is damaged or mis-converted",
+                                name)
         modules.append(_describe(parsed, family))
     stored = metadata.get("sshs_model_hash")
     computed = file_data_hash(path)
@@ -116,7 +123,7 @@ def _describe(parsed, family: str) -> dict:
     return {"name": name, "algo": algo, "kind": kind, "rank": rank if rank is not None else "full",
             "alpha": parsed.alpha, "scale": scale, "component": component, "block": block,
             "norm": norm, "effective_rank": effective,
-            "tucker": any(k in w for k in ("mid", "t1", "t2")),
+            "tucker": any(k in w for k in ("mid", "t1", "t2")), "nonfinite": nonfinite_tensors(parsed),
             "shapes": {parsed.algo.file_keys[k]: list(v.shape) for k, v in w.items()}}
 
 
@@ -125,8 +132,8 @@ def _delta_stats(parsed, scale: float) -> tuple[float | None, int | None]:
     """‖ΔW‖_F and the effective rank (singular values holding 99% of ‖ΔW‖²), without forming big matrices
     where the factors allow (LoRA: the SVD comes from the factors, see functional.lora.svd_of_product)."""
     w, algo = {k: v.double() for k, v in parsed.weights.items()}, parsed.algo.name
-    if any(k in w for k in ("mid", "t1", "t2")):
-        return None, None
+    if any(k in w for k in ("mid", "t1", "t2")) or nonfinite_tensors(parsed):
+        return None, None  # no norm for Tucker cores here; none at all for NaN/inf (an SVD would fail)
     if algo == "lora":
         up, down = w["up"].reshape(w["up"].shape[0], -1), w["down"].reshape(w["down"].shape[0], -1)
         s = F_lora.svd_of_product(up, down)[1] * abs(scale)
@@ -197,6 +204,10 @@ def format_report(report: dict, show_modules: bool = False) -> str:
     h = report["hash"]
     verdict = {True: "matches the tensor bytes", False: "DOES NOT match the tensor bytes", None: "absent"}[h["matches"]]
     lines.append(f"hash        sshs_model_hash {verdict} (computed {h['computed'][:12]}...)")
+    for m in report["modules"]:
+        if m["nonfinite"]:  # a diverged run or a broken converter: loaders would draw black or noise
+            lines.append(f"NON-FINITE  {m['name']}: NaN/inf in {', '.join(m['nonfinite'])}; merge, resize and "
+                         "convert refuse this file")
     ranks = Counter((m["kind"], m["rank"], m["alpha"]) for m in report["modules"])
     lines.append("ranks       " + "; ".join(f"{k} rank {r} alpha {a} x{n}" for (k, r, a), n in sorted(
         ranks.items(), key=lambda kv: str(kv[0]))))

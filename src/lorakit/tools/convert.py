@@ -76,6 +76,16 @@ def diffusers_to_kohya(src, family: str) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, metadata
 
 
+def _check_values(src, layout: str) -> None:
+    """Refuse NaN/inf and rank clashes before converting (a converted file would carry them everywhere)."""
+    if layout == "kohya":
+        read_modules(src)
+        return
+    for key, tensor in read_safetensors(src)[0].items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ToolError(f"{src}: tensor {key} holds non-finite values (NaN/inf); this file cannot be used")
+
+
 def convert_file(src: str | os.PathLike, out: str | os.PathLike, to: str | None = None,
                  precision: str | None = None, family: str | None = None) -> Path:
     out = check_output(out, src)
@@ -89,6 +99,7 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike, to: str | None 
         family = file_family(file_metadata, [k.split(".")[0] for k in keys])
         if layout == "diffusers" and any(k.startswith("text_encoder_2.") for k in keys):
             family = "sdxl"
+    _check_values(src, layout)
     if layout == to:
         tensors, metadata = read_safetensors(src)
     elif to == "diffusers":

@@ -14,6 +14,7 @@ import torch
 
 from lorakit.formats.kohya import KeyProblem, ModuleTensors, group_by_module, parse_module
 from lorakit.formats.safetensors_io import LoraFileError, read_safetensors, tensor_data_hash, write_safetensors
+from lorakit.formats.values import value_problem
 from lorakit.tools.lowrank import ToolError
 
 DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -27,12 +28,18 @@ def read_modules(path: str | os.PathLike) -> tuple[dict[str, ModuleTensors], dic
         groups = group_by_module(tensors)
     except KeyError as e:
         raise LoraFileError(path, "key has no '<module>.<tensor>' form", str(e.args[0])) from None
+    if not groups:
+        raise ToolError(f"{path}: the file holds no LoRA modules (an empty or metadata-only safetensors file)")
     modules = {}
     for name, suffixed in groups.items():
         try:
             modules[name] = parse_module(name, suffixed)
         except KeyProblem as e:
             raise LoraFileError(path, str(e), e.key) from None
+        problem = value_problem(modules[name])
+        if problem:  # before any SVD or merge: a NaN would poison every output, a rank clash would crash
+            raise ToolError(f"{path}: module {name}: {problem}; this file cannot be used (re-save it from a "
+                            "good epoch, or check the tool that wrote it)")
     return modules, metadata
 
 

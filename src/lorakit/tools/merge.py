@@ -93,6 +93,8 @@ def merge_into_checkpoint(base: str, inputs: list[tuple[str, float]], out: str |
                           precision: str | None = "fp16") -> Path:
     """Bake LoRAs (any algorithm) into a base model and write one original-layout checkpoint."""
     out = check_output(out, base, *(p for p, _ in inputs))
+    for path, _ in inputs:
+        read_modules(path)  # every file's values checked before the (slow) base model loads
     model = load_base_model(base)
     pipe = model.pipeline
     text_encoders = model.text_encoders
