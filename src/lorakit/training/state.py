@@ -9,6 +9,7 @@ save leaves the previous state intact.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,11 @@ def load_state(folder: str | Path, network, optimizer, scheduler, settings: dict
     if not path.is_file():
         raise ResumeError(f"{folder}: no {STATE_FILE} here; --resume takes the `<output_name>-state` folder that "
                           "an interrupted run or save_state wrote")
-    saved = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
+    try:
+        saved = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResumeError(f"{folder / CONFIG_FILE}: unreadable ({e}); it records the run's settings: restore it "
+                          "or start a new run") from None
     changed = [k for k in SHAPE_KEYS if k in saved and json.dumps(saved[k], default=str)
                != json.dumps(settings.get(k), default=str)]
     if changed:
@@ -66,5 +71,10 @@ def load_state(folder: str | Path, network, optimizer, scheduler, settings: dict
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         return Progress(**payload["progress"])
-    except (RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
-        raise ResumeError(f"{path}: cannot restore the training state ({e})") from None
+    except pickle.UnpicklingError as e:  # weights-only loading refused an object: nothing ran, say so plainly
+        raise ResumeError(f"{path}: refused by the weights-only loader, so none of its code ran ({e}); this is "
+                          "not a state lorakit wrote. Resume from a `<output_name>-state` folder of a lorakit "
+                          "run, or start a new run") from None
+    except (RuntimeError, KeyError, TypeError, EOFError, ValueError, OSError) as e:
+        raise ResumeError(f"{path}: cannot restore the training state ({e}); the file is damaged or from another "
+                          "lorakit version: start a new run or resume from an intact state folder") from None
