@@ -23,17 +23,21 @@ from tqdm.auto import tqdm
 from lorakit.formats.atomic import remove_stale_temp_files
 from lorakit.models import noise as nz
 from lorakit.models import objectives as obj
-from lorakit.surgery.network import LoraNetwork, create_network
-from lorakit.training.captions import process_caption
-from lorakit.training.config import TrainConfig
-from lorakit.training.data import LatentCache, batches_per_epoch, epoch_batches
+from lorakit.surgery.network import LoraNetwork
+from lorakit.surgery.start import start_network
+from lorakit.training.captions import CaptionClock, process_caption
+from lorakit.training.config import ConfigError, TrainConfig
+from lorakit.training.data import LatentCache, batches_per_epoch, epoch_batches, live_note, loss_weights
 from lorakit.training.distributed import Processes
 from lorakit.training.monitor import Monitor
-from lorakit.training.optim import make_optimizer, make_scheduler
-from lorakit.training.outputs import StopRequest, TrainingInterrupted, TrainingStopped, save_lora
-from lorakit.training.prepare import encode_text, encode_text_sdxl, prepare_base, prepare_dataset, prepare_samples
+from lorakit.training.optim import apply_max_norm, make_optimizer, make_scheduler, resolve_warmup, schedule_options
+from lorakit.training.outputs import (StopRequest, TrainingInterrupted, TrainingStopped, epoch_file_stem, removed_epoch,
+                                      removed_step, save_lora, step_file_stem)
+from lorakit.training.paths import path_problems
+from lorakit.training.prepare import prepare_base, prepare_dataset, prepare_samples
 from lorakit.training.sampling import render_samples
 from lorakit.training.state import Progress, load_state, save_state
+from lorakit.training.text_encoding import encode_text, encode_text_sdxl
 
 __all__ = ["Trainer", "TrainResult", "TrainingStopped", "TrainingInterrupted", "train"]
 
@@ -112,6 +116,10 @@ def per_sample_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor, 
 class Trainer:
     def __init__(self, config: TrainConfig, device: str | torch.device | None = None):
         self.config = config
+        problems = path_problems(config)  # every named path, before anything is read or loaded
+        if problems:
+            raise ConfigError(f"{len(problems)} problem(s) with the config's paths:\n" +
+                              "\n".join(f"  - {p}" for p in problems))
         self.specs, self.report = prepare_dataset(config)  # cheap checks first
         self.prompts = prepare_samples(config)
         self.procs = Processes(device)
@@ -124,8 +132,8 @@ class Trainer:
         self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if len(self.text_encoders) == 2 else [])
         for module in (self.unet, self.vae, *self.text_encoders):
             module.requires_grad_(False).to(self.device)
-        self.network: LoraNetwork = create_network(self.unet, self.text_encoders, config.network_config(),
-                                                   seed=config.seed)
+        self.network: LoraNetwork = start_network(self.unet, self.text_encoders, config.network_config(),
+                                                  config.seed, config.network_weights, config.dim_from_weights)
         self.network.to(self.device)
         self.train_text = any(i.component != "unet" for i in self.network.info.values()) and \
             (config.text_encoder_lr is None or config.text_encoder_lr > 0)
@@ -143,10 +151,13 @@ class Trainer:
         return self.config.max_train_steps
 
     def encode(self, captions: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, dict | None]:
-        """(context (B, 77, D), SDXL's added_cond_kwargs or None)."""
+        """(context (B, max_token_length + 2, D), SDXL's added_cond_kwargs or None)."""
+        cfg = self.config
         if self.base.family == "sdxl":
-            return encode_text_sdxl(self.text_encoders, self.tokenizers, captions, size)
-        return encode_text(self.text_encoder, self.tokenizer, captions, self.config.clip_skip), None
+            return encode_text_sdxl(self.text_encoders, self.tokenizers, captions, size, cfg.max_token_length,
+                                    cfg.weighted_captions)
+        return encode_text(self.text_encoder, self.tokenizer, captions, cfg.clip_skip, cfg.max_token_length,
+                           cfg.weighted_captions), None
 
     def context(self, captions: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, dict | None]:
         if self.train_text:
@@ -186,12 +197,12 @@ class Trainer:
         seed = derived_seed(cfg.seed, "micro", micro, self.procs.rank)
         rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # adapter dropout draws from the global generator
-        latents = torch.stack([cache.flipped[j] if cache.flipped[j] is not None and rng.random() < 0.5
-                               else cache.latents[j] for j in batch]).to(self.device)
-        captions = [process_caption(items[j].caption, rng, items[j].subset.shuffle_caption,
-                                    items[j].subset.keep_tokens, items[j].subset.caption_dropout_rate)
-                    for j in batch]
-        return self.loss(latents, captions, gen)
+        latents, masks = cache.batch(batch, rng, self.device)  # color_aug/random_crop images are encoded now
+        progress = self.run_state.progress  # epoch and step: caption_dropout_every_n_epochs, token warmup
+        clock = CaptionClock(progress.epoch, progress.step, self.total_steps())
+        captions = [process_caption(items[j].caption, items[j].subset, rng, clock) for j in batch]
+        weights = loss_weights(items, batch, cfg.prior_loss_weight)  # reg images: prior_loss_weight
+        return self.loss(latents, captions, gen, weights=weights, masks=masks)
 
     def epoch_plan(self, epoch: int) -> list[list[int]]:
         batches = epoch_batches(self.report.items, self.specs[0].batch_size,
@@ -205,24 +216,30 @@ class Trainer:
             for folder in (self.out, self.state_dir):  # a save killed by SIGKILL leaves its temp file behind
                 for path in remove_stale_temp_files(folder):
                     print(f"note: removed {path}, left by an interrupted save", file=sys.stderr)
+        note = live_note(self.report.items)
+        if note and self.procs.is_main:
+            print(f"note: {note}", file=sys.stderr)
         with tqdm(total=len(self.report.items), desc="caching latents", unit="img", leave=False,
                   disable=not self.procs.is_main) as bar:
             disk = (cfg.latent_cache_dir or self.out / "latent-cache") if cfg.cache_latents_to_disk else None
             cache = LatentCache.build(self.report.items, self.vae, progress=bar.update, disk=disk)
         total = self.total_steps()
         optimizer = make_optimizer(cfg.optimizer_type, self.network.param_groups(
-            cfg.unet_lr, cfg.text_encoder_lr, cfg.learning_rate), cfg.learning_rate, self.device)
-        scheduler = make_scheduler(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total)
+            cfg.unet_lr, cfg.text_encoder_lr, cfg.learning_rate), cfg.learning_rate, self.device, cfg.optimizer_args)
+        scheduler = make_scheduler(cfg.lr_scheduler, optimizer, resolve_warmup(cfg.lr_warmup_steps, total), total,
+                                   **schedule_options(cfg))
         progress = Progress()
         if cfg.resume:
             progress = load_state(cfg.resume, self.network, optimizer, scheduler, cfg.settings())
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train(), self.network.train()
-        monitor = Monitor(self.out / f"{cfg.output_name}-history.json", cfg.logging_dir,
-                          resume_step=progress.step, total_steps=total) if self.procs.is_main else None
+        monitor = Monitor(self.out / f"{cfg.output_name}-history.json", cfg.logging_dir, resume_step=progress.step,
+                          total_steps=total, log_prefix=cfg.log_prefix) if self.procs.is_main else None
         result = TrainResult(losses=list(progress.losses), steps=progress.step, is_main=self.procs.is_main)
         self.run_state = RunState(optimizer, scheduler, progress, monitor, result)
+        if cfg.sample_at_first and self.prompts and progress.step == 0:  # kohya names these epoch 0
+            self.sample(f"{cfg.output_name}_e{0:06d}", progress)
         with StopRequest() as stop, tqdm(total=total, initial=progress.step, desc="training", unit="step",
                                          disable=not self.procs.is_main) as bar:
             while progress.step < total:
@@ -237,12 +254,9 @@ class Trainer:
         return result
 
     def _epoch(self, cache: LatentCache, total: int, stop: StopRequest, bar) -> None:
-        cfg = self.config
-        run = self.run_state
-        optimizer, scheduler, progress, monitor, result = (run.optimizer, run.scheduler, run.progress, run.monitor,
-                                                           run.result)
+        cfg, progress = self.config, self.run_state.progress
         accumulate = cfg.gradient_accumulation_steps
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = [p for group in self.run_state.optimizer.param_groups for p in group["params"]]
         plan, group_losses = self.epoch_plan(progress.epoch), []
         while progress.batch < len(plan):
             loss = self.micro_batch(cache, plan[progress.batch], progress.micro)
@@ -257,20 +271,9 @@ class Trainer:
             progress.batch, progress.micro = progress.batch + 1, progress.micro + 1
             if progress.micro % accumulate:
                 continue
-            self.procs.average_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.losses.append(sum(group_losses) / len(group_losses))
+            self._optimizer_step(params, group_losses, bar)
             group_losses = []
-            result.steps, result.losses = progress.step, progress.losses
-            bar.update(1)
-            bar.set_postfix(loss=f"{progress.losses[-1]:.4f}", epoch=progress.epoch)
-            if monitor:
-                monitor.step(progress.step, progress.epoch, progress.losses[-1],
-                             {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)})
+            self._step_outputs(progress, final=progress.step >= total)
             if self.procs.any(stop.requested):
                 self.interrupt(progress, stop.signal_name)
             if progress.step >= total:
@@ -286,7 +289,10 @@ class Trainer:
         if progress.step >= total:
             return  # the final save follows
         if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0:
-            result.files.append(self.save(f"{cfg.output_name}-{progress.epoch:06d}", progress))
+            result.files.append(self.save(epoch_file_stem(cfg.output_name, progress.epoch), progress))
+            old = removed_epoch(progress.epoch, cfg.save_every_n_epochs, cfg.save_last_n_epochs)
+            if old is not None:
+                self.remove_file(epoch_file_stem(cfg.output_name, old))
             if cfg.save_state and self.procs.is_main:
                 done = Progress(progress.step, progress.epoch + 1, 0, progress.micro, list(progress.losses))
                 save_state(self.state_dir, self.network, optimizer, scheduler, done, cfg.settings())
@@ -294,6 +300,50 @@ class Trainer:
             self.sample(f"{cfg.output_name}_e{progress.epoch:06d}", progress)
         if monitor:
             monitor.flush()
+
+    def _optimizer_step(self, params: list, losses: list[float], bar) -> None:
+        """One optimizer step on the accumulated gradients, kohya's max-norm after it, then progress and logs."""
+        cfg, run = self.config, self.run_state
+        progress = run.progress
+        self.procs.average_gradients(params)
+        if cfg.max_grad_norm:  # kohya: 0 turns clipping off
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        scalars, postfix = {}, {}
+        if cfg.scale_weight_norms:
+            stats = apply_max_norm(self.network.adapters.values(), cfg.scale_weight_norms)
+            scalars = {"max_norm/keys_scaled": stats.keys_scaled, "max_norm/max_key_norm": stats.max_norm,
+                       "norm/avg_key_norm": stats.mean_norm}  # kohya's TensorBoard tags
+            postfix = {"Keys Scaled": stats.keys_scaled, "Average key norm": f"{stats.mean_norm:.4f}"}
+        progress.step += 1
+        progress.losses.append(sum(losses) / len(losses))
+        run.result.steps, run.result.losses = progress.step, progress.losses
+        bar.update(1)
+        bar.set_postfix(loss=f"{progress.losses[-1]:.4f}", epoch=progress.epoch, **postfix)
+        if run.monitor:
+            run.monitor.step(progress.step, progress.epoch, progress.losses[-1],
+                             {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)},
+                             scalars)
+
+    def _step_outputs(self, progress: Progress, final: bool) -> None:
+        """kohya's step-wise outputs: samples every sample_every_n_steps (sample_every_n_epochs overrides it; at
+        the last step the final sample follows anyway), and every save_every_n_steps a file, the training state
+        with save_state (so a killed run resumes from here), and the deletion of files past save_last_n_steps."""
+        cfg, run = self.config, self.run_state
+        every = cfg.sample_every_n_steps
+        if self.prompts and every and not cfg.sample_every_n_epochs and not final and progress.step % every == 0:
+            self.sample(f"{cfg.output_name}_{progress.step:06d}", progress)
+        every = cfg.save_every_n_steps
+        if not every or progress.step % every:
+            return
+        run.result.files.append(self.save(step_file_stem(cfg.output_name, progress.step), progress))
+        if cfg.save_state and self.procs.is_main:
+            save_state(self.state_dir, self.network, run.optimizer, run.scheduler, progress, cfg.settings())
+        old = removed_step(progress.step, every, cfg.save_last_n_steps)
+        if old is not None:
+            self.remove_file(step_file_stem(cfg.output_name, old))
 
     # ---- outputs ----------------------------------------------------------------------------
     @property
@@ -307,9 +357,17 @@ class Trainer:
         self.procs.barrier()
         return path
 
+    def remove_file(self, stem: str) -> None:
+        """Delete an older saved file (save_last_n_epochs / save_last_n_steps); it is no longer a result."""
+        path = self.out / f"{stem}.safetensors"
+        if self.procs.is_main:
+            path.unlink(missing_ok=True)
+        self.run_state.result.files = [f for f in self.run_state.result.files if f != path]
+
     def sample(self, stem: str, progress: Progress) -> None:
         if self.procs.is_main:
-            paths = render_samples(self.base.pipeline, self.network, self.prompts, self.out / "sample", stem)
+            paths = render_samples(self.base.pipeline, self.network, self.prompts, self.out / "sample", stem,
+                                   self.config.sample_sampler)
             self.run_state.result.samples.extend(paths)
             if self.run_state.monitor:
                 self.run_state.monitor.samples(progress.step, progress.epoch, paths)
