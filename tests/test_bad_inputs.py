@@ -196,3 +196,13 @@ def test_bad_input_gets_one_clear_line(case, tmp_path, capsys, monkeypatch):
         assert part in err, (part, err)
     after = snapshot(tmp_path)
     assert all(after.get(k) == v for k, v in before.items()), "a file that was there changed or was lost"
+
+
+def test_grid_output_folder_that_is_a_file_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import lorakit.evaluation.grid as grid
+
+    (tmp_path / "g").write_text("keep")
+    monkeypatch.setattr(grid, "load_base_model", lambda *a: pytest.fail("the model loaded first"))
+    assert main(["grid", "--prompt", "a red circle", "--x", "seed=1,2", "--out", str(tmp_path / "g")]) == 2
+    assert "the grid's output folder is a file" in capsys.readouterr().err
+    assert (tmp_path / "g").read_text() == "keep"

@@ -61,7 +61,10 @@ def _cmd_train(args, extra: list[str]) -> int:
 
 
 def _cmd_grid(args) -> int:
-    from lorakit.evaluation.grid import Axis, Cell, GridSpec, Renderer, render_grid, with_baseline
+    from lorakit.evaluation.grid import (Axis, Cell, GridSpec, Renderer, check_output_folder, render_grid,
+                                         with_baseline)
+
+    check_output_folder(args.out)  # before the base model loads
 
     cell = Cell(prompt=args.prompt, seed=args.seed, steps=args.steps, cfg=args.cfg, multiplier=args.multiplier,
                 negative=args.negative, width=args.size, height=args.size,

@@ -182,9 +182,16 @@ def _fit(text: str, font, width: int) -> str:
     return text
 
 
+def check_output_folder(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: the grid's output folder is a file; give a folder (it is created if missing)")
+    return out
+
+
 def render_grid(renderer: Renderer, spec: GridSpec, out_dir: str | Path, progress=None) -> dict:
     """Render every cell, write grid.png (grid_z{k}.png per Z value), cells/*.png and grid.json."""
-    out = Path(out_dir)
+    out = check_output_folder(out_dir)
     cells, pages = [], []
     z_count = len(spec.z.values) if spec.z else 1
     rows = len(spec.y.values) if spec.y else 1
