@@ -4,7 +4,9 @@
     base.pipeline.unet, base.pipeline.text_encoder, ...
 
 Single files are `.safetensors` in the original layout (LDM for SD1/SD2, SGM for SDXL). `.ckpt`/`.pt` files are
-read only through torch's weights-only loader, never plain unpickling. Configs and tokenizer data ship with
+read only through torch's weights-only loader, never plain unpickling. The architecture (widths, depths, heads,
+text encoders) is inferred from the tensor shapes in the header (see infer_config.py), so fine-tunes and
+non-stock sizes load too; what the shapes could not tell is said in `notes`. Tokenizer data ships with
 lorakit, so nothing is fetched. With no path, the embedded tiny model is used (and that is said).
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from lorakit.formats.safetensors_io import LoraFileError, read_header, write_safetensors
 from lorakit.models.configs import PIPELINES, write_config_folder
+from lorakit.models.infer_config import architecture_metadata, hints_from_metadata, infer_configs, tensor_shapes
 from lorakit.models.ldm_layout import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, to_original_layout
 
 SUPPORTED = "SD1.x (LDM, CLIP-L), SD2.x (LDM, OpenCLIP-H; eps or v), SDXL base (SGM, CLIP-L + OpenCLIP-bigG)"
@@ -108,35 +111,51 @@ def load_single_file(path: str | os.PathLike, family: str | None = None, predict
                      vae=None) -> BaseModel:
     """Load an original-layout checkpoint through diffusers' single-file loader, fully offline.
 
-    config_dir: a weightless diffusers folder describing the architecture (default: the family's standard
-    config, written by lorakit); tiny test models pass their own.
+    config_dir: a weightless diffusers folder describing the architecture (default: inferred from the file's
+    tensor shapes and written by lorakit; one `notes` line says what was inferred and what fell back).
     """
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
-        source, keys = _readable_source(path, Path(tmp))
-        family, prediction_type, notes = _identify(path, keys, family, prediction_type, vae)
-        folder = Path(config_dir) if config_dir else write_config_folder(Path(tmp) / "config", family)
+        source, shapes, metadata = _readable_source(path, Path(tmp))
+        family, prediction_type, notes = _identify(path, list(shapes), family, prediction_type, vae)
+        if config_dir:
+            folder = Path(config_dir)
+        else:
+            folder = _inferred_config_folder(path, Path(tmp) / "config", shapes, metadata, family, notes)
         pipe = _from_single_file(path, source, folder, family, prediction_type, dtype, vae)
     return BaseModel(pipe, family, prediction_type, str(path), notes)
 
 
-def _checked_header(path: Path) -> dict:
-    """The validated safetensors header; truncated or malformed files fail here, naming the file."""
+def _inferred_config_folder(path: Path, folder: Path, shapes, metadata, family: str, notes: list[str]) -> Path:
     try:
-        return read_header(path)[0]
+        inferred = infer_configs(shapes, family, hints_from_metadata(metadata))
+    except (KeyError, IndexError, ValueError) as e:  # a KeyError names the tensor the layout needs
+        raise CheckpointError(path, f"cannot tell the {FAMILY_NAMES[family]} architecture from the tensor shapes "
+                                    f"({type(e).__name__}: {e}); pass config_dir=<diffusers folder> that "
+                                    "describes it") from None
+    notes.append(inferred.note())
+    return write_config_folder(folder, family, inferred.unet, inferred.vae, inferred.text)
+
+
+def _checked_header(path: Path) -> tuple[dict, dict[str, str]]:
+    """The validated safetensors header and metadata; truncated or malformed files fail here, naming the file."""
+    try:
+        return read_header(path)[:2]
     except LoraFileError as e:
         raise CheckpointError(path, e.detail, e.key) from None
 
 
-def _readable_source(path: Path, tmp: Path) -> tuple[Path, list[str]]:
-    """(a .safetensors path diffusers may read, its keys). Headers are validated; a pickle is read weights-only
-    and rewritten as safetensors, so diffusers never unpickles anything. Safetensors are not loaded here."""
+def _readable_source(path: Path, tmp: Path) -> tuple[Path, dict[str, tuple[int, ...]], dict[str, str]]:
+    """(a .safetensors path diffusers may read, its key -> shape map, its metadata). Headers are validated; a
+    pickle is read weights-only and rewritten as safetensors, so diffusers never unpickles anything.
+    Safetensors are not loaded here: the shapes come from the header."""
     if path.suffix.lower() == ".safetensors":
-        return path, list(_checked_header(path))
+        header, metadata = _checked_header(path)
+        return path, tensor_shapes(header), metadata
     state = read_checkpoint(path)
     source = tmp / "converted.safetensors"
     write_safetensors(source, {k: v.contiguous() for k, v in state.items()}, {})
-    return source, list(state)
+    return source, tensor_shapes(state), {}
 
 
 def _identify(path, keys, family, prediction_type, vae) -> tuple[str, str, list[str]]:
@@ -207,11 +226,14 @@ def _load_folder(path: Path, dtype: torch.dtype = torch.float32, prediction_type
 def save_single_file(path: str | os.PathLike, family: str, unet, vae, text_encoders, dtype=None,
                      passthrough: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None):
     """Write the components as one original-layout .safetensors file (atomic). `passthrough` carries source
-    keys that diffusers does not model (e.g. SD2's unused last text-encoder layer) unchanged."""
+    keys that diffusers does not model (e.g. SD2's unused last text-encoder layer) unchanged. The metadata
+    records what tensor shapes cannot show (heads, norm groups, activations), so the file loads back exactly."""
     state = to_original_layout(family, unet, vae, text_encoders)
+    arch = architecture_metadata(unet.config if unet is not None else None, vae.config if vae is not None else None,
+                                 [encoder.config.to_dict() for encoder in text_encoders])
     for key, tensor in (passthrough or {}).items():
         state.setdefault(key, tensor)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata or {})
+    write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in state.items()}, {**(metadata or {}), **arch})
     return Path(path)

@@ -42,7 +42,8 @@ class Inferred:
     def note(self) -> str:
         line = "architecture from tensor shapes: " + "; ".join(self.found)
         if self.from_metadata:
-            line += "; from the file's lorakit metadata: " + ", ".join(self.from_metadata)
+            keys = sorted({name.split(".", 1)[1] for name in self.from_metadata})
+            line += "; from the file's lorakit metadata: " + ", ".join(keys)
         if self.fallbacks:
             line += "; not in the shapes, conventions used: " + ", ".join(self.fallbacks)
         return line
@@ -54,9 +55,9 @@ class _Facts:
     def __init__(self, hints: dict):
         self.hints, self.from_metadata, self.fallbacks = hints, [], []
 
-    def pick(self, part: str, key: str, default, why: str = "", valid=lambda value: True):
+    def pick(self, part: str, key: str, default, why: str = "", valid=None):
         hint = self.hints.get(part, {}).get(key)
-        if hint is not None and valid(hint):
+        if hint is not None and _acceptable(hint, default, valid):
             self.from_metadata.append(f"{part}.{key}")
             return tuple(hint) if isinstance(hint, list) else hint
         self.fallbacks.append(f"{part}.{key}={_short(default)}" + (f" ({why})" if why else ""))
@@ -65,10 +66,22 @@ class _Facts:
     def quiet(self, part: str, key: str, default):
         """Like pick, for values every SD model shares (norm eps): the default is not worth a note."""
         hint = self.hints.get(part, {}).get(key)
-        if hint is None:
+        if hint is None or not _acceptable(hint, default):
             return default
         self.from_metadata.append(f"{part}.{key}")
         return hint
+
+
+def _acceptable(hint, default, valid=None) -> bool:
+    """A metadata value is used only if it fits (edited or foreign metadata must not break loading)."""
+    if valid is not None:
+        try:
+            return bool(valid(hint))
+        except TypeError:
+            return False
+    if isinstance(default, (bool, str)):
+        return type(hint) is type(default)
+    return isinstance(hint, (int, float)) and not isinstance(hint, bool) and hint > 0
 
 
 def tensor_shapes(entries) -> Shapes:
@@ -80,7 +93,8 @@ def infer_configs(shapes: Shapes, family: str, hints: dict | None = None) -> Inf
     """U-Net, VAE (None when the file has none) and text-encoder configs of a `family` single file."""
     facts = _Facts(hints or {})
     found: list[str] = []
-    text = [infer_text_encoder(shapes, prefix, stock, facts, name, family, found)
+    text_found: list[str] = []  # reported last, though inferred first: SDXL's U-Net needs the pooled width
+    text = [infer_text_encoder(shapes, prefix, stock, facts, name, family, text_found)
             for prefix, stock, name in zip(TEXT_PREFIXES[family], FAMILIES[family][1], TEXT_NAMES)]
     if family == "sdxl" and text[0]["hidden_size"] == text[1]["hidden_size"]:
         raise ValueError(f"both SDXL text encoders are {text[0]['hidden_size']} wide; diffusers tells them apart "
@@ -88,7 +102,7 @@ def infer_configs(shapes: Shapes, family: str, hints: dict | None = None) -> Inf
     pooled = text[-1]["projection_dim"] if family == "sdxl" else None
     unet = infer_unet(shapes, family, facts, found, pooled)
     vae = infer_vae(shapes, family, facts, found)
-    return Inferred(unet, vae, text, found, facts.from_metadata, facts.fallbacks)
+    return Inferred(unet, vae, text, found + text_found, facts.from_metadata, facts.fallbacks)
 
 
 # ---- U-Net ----
@@ -119,9 +133,7 @@ def infer_unet(shapes: Shapes, family: str, facts: _Facts, found: list[str], poo
         config["time_embedding_dim"] = shapes[p + "time_embed.0.weight"][0]
     _unet_embeddings(shapes, p, family, config, pooled_dim, facts)
     config["attention_head_dim"] = _unet_heads(widths, linear, facts)
-    groups = math.gcd(32, *widths)
-    config["norm_num_groups"] = facts.pick("unet", "norm_num_groups", groups, "32" + _narrowed(groups, 32),
-                                           lambda g: all(w % g == 0 for w in widths))
+    config["norm_num_groups"] = _norm_groups("unet", widths, facts)
     config["sample_size"] = facts.pick("unet", "sample_size", config["sample_size"])
     config["norm_eps"] = facts.quiet("unet", "norm_eps", 1e-5)
     config["upcast_attention"] = facts.quiet("unet", "upcast_attention", False)
@@ -160,9 +172,9 @@ def _unet_levels(shapes: Shapes, p: str) -> tuple[tuple[int, ...], list[int], li
 
 def _check_up_levels(shapes: Shapes, p: str, layers: list[int], depths: list[int]) -> None:
     """diffusers mirrors the down levels on the way up (one more resnet each); refuse files that do not."""
-    levels = len(layers)
-    up = [_count(shapes, f"{p}output_blocks.{j}.1.transformer_blocks.") for j in _indices(shapes, p + "output_blocks.")]
-    expected = [depths[levels - 1 - n] for n in range(levels) for _ in range(layers[levels - 1 - n] + 1)]
+    blocks = _indices(shapes, p + "output_blocks.")
+    up = [_count(shapes, f"{p}output_blocks.{j}.1.transformer_blocks.") for j in blocks]
+    expected = [depths[level] for level in reversed(range(len(layers))) for _ in range(layers[level] + 1)]
     if up != expected:
         raise ValueError(f"up-path transformer depths {up} do not mirror the down path {expected}; diffusers' "
                          "U-Net cannot express this architecture")
@@ -196,9 +208,17 @@ def _unet_heads(widths: tuple[int, ...], linear: bool, facts: _Facts):
 
     def valid(heads) -> bool:
         per_level = heads if isinstance(heads, (list, tuple)) else [heads] * len(widths)
-        return len(per_level) == len(widths) and all(h > 0 and w % h == 0 for h, w in zip(per_level, widths))
+        return len(per_level) == len(widths) and all(isinstance(h, int) and h > 0 and w % h == 0
+                                                     for h, w in zip(per_level, widths))
 
     return facts.pick("unet", "attention_head_dim", default, why, valid)
+
+
+def _norm_groups(part: str, widths: tuple[int, ...], facts: _Facts) -> int:
+    """GroupNorm groups: SD's 32, narrowed so every width (and every concatenation of widths) splits evenly."""
+    groups = math.gcd(32, *widths)
+    return facts.pick(part, "norm_num_groups", groups, _narrowed(groups, 32).lstrip(", "),
+                      lambda g: isinstance(g, int) and g > 0 and all(w % g == 0 for w in widths))
 
 
 # ---- VAE ----
@@ -218,9 +238,7 @@ def infer_vae(shapes: Shapes, family: str, facts: _Facts, found: list[str]) -> d
                   use_quant_conv=p + "quant_conv.weight" in shapes,
                   use_post_quant_conv=p + "post_quant_conv.weight" in shapes,
                   mid_block_add_attention=any(k.startswith(p + "encoder.mid.attn_1.") for k in shapes))
-    groups = math.gcd(32, *widths)
-    config["norm_num_groups"] = facts.pick("vae", "norm_num_groups", groups, "32" + _narrowed(groups, 32),
-                                           lambda g: all(w % g == 0 for w in widths))
+    config["norm_num_groups"] = _norm_groups("vae", widths, facts)
     config["scaling_factor"] = facts.pick("vae", "scaling_factor", stock["scaling_factor"])
     config["sample_size"] = facts.pick("vae", "sample_size", stock["sample_size"])
     found.append(f"VAE widths {widths} x{layers}, latent {config['latent_channels']}")
@@ -254,7 +272,7 @@ def infer_text_encoder(shapes: Shapes, prefix: str, stock: dict, facts: _Facts, 
     config["projection_dim"] = projection or facts.pick(name, "projection_dim", hidden, "no projection in the file")
     config["num_attention_heads"] = facts.pick(name, "num_attention_heads", hidden // channels,
                                                f"{channels}-channel heads" + _narrowed(channels, 64),
-                                               lambda h: h > 0 and hidden % h == 0)
+                                               lambda h: isinstance(h, int) and h > 0 and hidden % h == 0)
     config["hidden_act"] = facts.pick(name, "hidden_act", stock["hidden_act"],
                                       "OpenCLIP" if open_clip else "CLIP")
     config["layer_norm_eps"] = facts.quiet(name, "layer_norm_eps", stock.get("layer_norm_eps", 1e-5))
