@@ -32,9 +32,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_earlier_files(tiny_folder
     trainer = Trainer(cfg)
     real_loss, calls = trainer.loss, {"n": 0}
 
-    def loss_then_nan(*args):
+    def loss_then_nan(*args, **kwargs):
         calls["n"] += 1
-        value = real_loss(*args)
+        value = real_loss(*args, **kwargs)
         return value * float("nan") if calls["n"] > 8 else value
 
     monkeypatch.setattr(trainer, "loss", loss_then_nan)

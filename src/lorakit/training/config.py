@@ -62,6 +62,8 @@ NETWORK_ARGS_REFUSED = {  # LyCORIS/kohya network_args lorakit cannot honour yet
     "weight_decompose": "DoRA (LyCORIS's old name for dora_wd) is not supported yet; remove it",
     "constrain": "is an OFT/BOFT option; lorakit trains LoRA/LoCon/LoHa/LoKr",
     "rescaled": "is an OFT/BOFT option; lorakit trains LoRA/LoCon/LoHa/LoKr",
+    "train_norm": "LyCORIS's norm-layer training (w_norm/b_norm) is not supported yet: lorakit's adapters, merge "
+                  "and file tools cover Linear/Conv weights only; remove train_norm",
 }
 
 
@@ -190,6 +192,11 @@ def _assemble(values: dict, problems: list[str], notes: list[str]) -> TrainConfi
     notes.extend(network.notes())
     config = TrainConfig(network=network, **train)
     problems.extend(cross_field_problems(config))
+    from lorakit.training.optim import optimization_checks  # optim imports ConfigError from here
+
+    more_problems, more_notes = optimization_checks(config)
+    problems.extend(more_problems)
+    notes.extend(more_notes)
     return config
 
 
@@ -201,6 +208,9 @@ def cross_field_problems(config: TrainConfig) -> list[str]:
     if config.min_bucket_reso > config.max_bucket_reso:
         out.append(f"min_bucket_reso = {config.min_bucket_reso} is above max_bucket_reso = "
                    f"{config.max_bucket_reso}; swap them")
+    if config.enable_bucket and config.bucket_reso_steps % 8:
+        out.append(f"bucket_reso_steps = {config.bucket_reso_steps} must be a multiple of 8: bucket sides become "
+                   "latent sizes through the VAE's 8x downsampling; use 64 (kohya's default) or 32")
     if config.min_timestep is not None and config.max_timestep is not None and \
             config.min_timestep >= config.max_timestep:
         out.append(f"min_timestep = {config.min_timestep} must be below max_timestep = {config.max_timestep}")
@@ -208,6 +218,7 @@ def cross_field_problems(config: TrainConfig) -> list[str]:
     if all(lr == 0 for lr in lrs):
         out.append("learning_rate, unet_lr and text_encoder_lr leave every learning rate at 0: nothing would "
                    "train; set learning_rate (1e-4 is common)")
+    out += noise_and_loss_problems(config)
     if config.dim_from_weights and not config.network_weights:
         out.append("dim_from_weights needs network_weights (the LoRA file to take dims from)")
     return out
@@ -217,6 +228,24 @@ def default_of(key: str):
     """The schema default of a TOML key (a fresh copy for list defaults)."""
     f = FIELDS[key]
     return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def noise_and_loss_problems(config: TrainConfig) -> list[str]:
+    """The combinations kohya's verify_training_args refuses, named with their keys."""
+    out = []
+    if config.adaptive_noise_scale is not None and not config.noise_offset:
+        out.append("adaptive_noise_scale needs noise_offset (it is added to the offset); set noise_offset, e.g. "
+                   "0.05, or remove adaptive_noise_scale")
+    if config.scale_v_pred_loss_like_noise_pred and not config.v_parameterization:
+        out.append("scale_v_pred_loss_like_noise_pred is for v-prediction models: set v_parameterization = true "
+                   "or remove it")
+    if config.v_pred_like_loss and config.v_parameterization:
+        out.append("v_pred_like_loss is for epsilon models; with v_parameterization the loss already is v: "
+                   "remove one")
+    if config.loss_type in ("huber", "smooth_l1") and config.huber_c <= 0:
+        out.append(f"huber_c = {config.huber_c} must be above 0 for loss_type {config.loss_type} (0.1 is kohya's "
+                   "default)")
+    return out
 
 
 def did_you_mean(key: str, known) -> str:
@@ -246,6 +275,8 @@ def coerce(key: str, value, where: str = "", from_string: bool = False, label: s
 
 def _typed(kind, hint, value):
     if kind is list:
+        if isinstance(value, str) and str in typing.get_args(hint) and value.strip()[:1].isalpha():
+            return value.strip()  # a list field that also takes a name (kohya's "cosine+.25" LR-weight curves)
         items = value.split(",") if isinstance(value, str) else (list(value) if isinstance(value, (list, tuple))
                                                                  else [value])
         inner = list_item_type(hint)
