@@ -3,12 +3,13 @@ import random
 import pytest
 
 from lorakit.training.captions import SamplePrompt, parse_prompt_line, process_caption, read_prompt_file
+from lorakit.training.dataset import Subset
 
 
 def test_shuffle_keeps_the_first_tokens_and_the_tag_set():
     rng = random.Random(0)
     caption = "sks dog, red collar, grass, sunny, outdoors"
-    outs = {process_caption(caption, rng, shuffle=True, keep_tokens=1) for _ in range(30)}
+    outs = {process_caption(caption, Subset("x", shuffle_caption=True, keep_tokens=1), rng) for _ in range(30)}
     assert len(outs) > 5
     for out in outs:
         tags = out.split(", ")
@@ -17,7 +18,7 @@ def test_shuffle_keeps_the_first_tokens_and_the_tag_set():
 
 def test_caption_dropout_rate():
     rng = random.Random(0)
-    dropped = sum(process_caption("a b", rng, dropout_rate=0.25) == "" for _ in range(4000))
+    dropped = sum(process_caption("a b", Subset("x", caption_dropout_rate=0.25), rng) == "" for _ in range(4000))
     assert 900 < dropped < 1100
 
 

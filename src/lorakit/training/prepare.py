@@ -1,20 +1,23 @@
 """Before the first step: the dataset, the sample prompts and the base model, checked cheapest first."""
 from __future__ import annotations
 
-import torch
-
-from lorakit.models.checkpoint import BaseModel, load_base_model
+from lorakit.models.checkpoint import FAMILY_NAMES, BaseModel, load_base_model
 from lorakit.training.captions import SamplePrompt
 from lorakit.training.config import ConfigError, TrainConfig
-from lorakit.training.dataset import DatasetReport, load_specs, scan
-from lorakit.training.sampling import SamplePromptError, load_sample_prompts
+from lorakit.training.dataset import DatasetReport, load_specs, scan, subset_defaults
+from lorakit.training.sampling import SamplePromptError, check_sampler, load_sample_prompts
 
 
 def prepare_dataset(config: TrainConfig) -> tuple[list, DatasetReport]:
     source = config.dataset_config or config.train_data_dir
     if not source:
         raise ConfigError("set train_data_dir (a folder of `N_name` subfolders) or dataset_config (a TOML)")
-    specs, notes = load_specs(source, config.caption_extension, config.resolution)
+    specs, notes = load_specs(source, config.caption_extension, config.resolution, subset_defaults(config),
+                              config.reg_data_dir)
+    if config.masked_loss and not any(s.alpha_mask for spec in specs for s in spec.subsets):
+        raise ConfigError("masked_loss = true has no mask source: set alpha_mask = true (top level, or per subset "
+                          "in the dataset TOML) so each image's alpha channel is its loss mask; kohya's other "
+                          "source, conditioning_data_dir mask images, is not supported by lorakit")
     if config.dataset_config is None:
         for spec in specs:
             spec.batch_size = config.train_batch_size
@@ -27,13 +30,17 @@ def prepare_dataset(config: TrainConfig) -> tuple[list, DatasetReport]:
 
 
 def prepare_samples(config: TrainConfig) -> list[SamplePrompt]:
-    if config.sample_every_n_epochs and not config.sample_prompts:
-        raise ConfigError("sample_every_n_epochs is set but sample_prompts is not: give a prompt file "
-                          "(one prompt per line, kohya options --n --w --h --d --l --s)")
+    wanted = [k for k in ("sample_every_n_epochs", "sample_every_n_steps", "sample_at_first") if getattr(config, k)]
+    if wanted and not config.sample_prompts:  # kohya fails at its first sample; lorakit before training
+        raise ConfigError(f"{' and '.join(wanted)} {'is' if len(wanted) == 1 else 'are'} set but sample_prompts is "
+                          "not: give a prompt file (one prompt per line, kohya options --n --w --h --d --l --s --ss)")
     if not config.sample_prompts:
         return []
     try:
-        return load_sample_prompts(config.sample_prompts, config.resolution)
+        prompts = load_sample_prompts(config.sample_prompts, config.resolution)
+        for name in sorted({config.sample_sampler, *(p.sampler for p in prompts if p.sampler)}):
+            check_sampler(name)
+        return prompts
     except SamplePromptError as e:
         raise ConfigError(str(e)) from None
 
@@ -44,30 +51,9 @@ def prepare_base(config: TrainConfig) -> BaseModel:
     if base.family == "sdxl" and config.clip_skip > 1:
         raise ConfigError("clip_skip does not apply to SDXL (it always uses the penultimate layers, as kohya "
                           "does); remove it")
+    if config.v2 and base.family != "sd2":  # kohya would build an SD2 model around an SD1/SDXL file
+        raise ConfigError(f"v2 = true, but {base.source} is {FAMILY_NAMES[base.family]}, not SD2.x: remove v2 "
+                          "(lorakit detects the family from the file) or give an SD2.x model")
+    if config.v2:
+        base.notes.append("v2 = true agrees with the file (SD2.x); lorakit detects this by itself")
     return base
-
-
-def encode_text_sdxl(text_encoders, tokenizers, captions: list[str], size: tuple[int, int]) -> tuple:
-    """SDXL conditioning: both encoders' penultimate hidden states side by side (B, 77, 768+1280), the second
-    encoder's pooled projection (B, 1280), and the size/crop ids (orig h, w, crop top, left, target h, w)."""
-    hidden, pooled = [], None
-    for encoder, tokenizer in zip(text_encoders, tokenizers):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(encoder.device)
-        out = encoder(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
-    height, width = size
-    time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(captions), dtype=pooled.dtype,
-                            device=pooled.device)
-    return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
-
-
-def encode_text(text_encoder, tokenizer, captions: list[str], clip_skip: int) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
-    if clip_skip <= 1:
-        return text_encoder(ids).last_hidden_state
-    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    final_norm = getattr(text_encoder, "final_layer_norm", None) or text_encoder.text_model.final_layer_norm
-    return final_norm(hidden)

@@ -7,10 +7,11 @@ is listed, with its status, in lorakit/data/kohya_keys.toml.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lorakit.options import opt
 from lorakit.surgery.config import NetworkConfig
+from lorakit.surgery.presets import LYCORIS_DEFAULT_PRESET
 
 PRESETS = {  # from the design brief's table of starting points
     "character": dict(network_dim=32, network_alpha=16.0, conv_dim=0,
@@ -64,14 +65,15 @@ class TrainConfig:
     shuffle_caption: bool = opt(False, "shuffle the caption's tags (after keep_tokens)")
     caption_separator: str = opt(",", "tag separator for shuffling and tag dropout")
     keep_tokens: int = opt(0, "tags kept in front when shuffling", lo=0, hi=1000)
-    keep_tokens_separator: str = opt("", "a marker: tags before it are kept in front (instead of keep_tokens)")
+    keep_tokens_separator: str = opt("", "a marker: tags before it are kept in front (instead of keep_tokens); "
+                                         "a second one keeps the tags after it at the end")
     caption_prefix: str | None = opt(None, "text put before every caption")
     caption_suffix: str | None = opt(None, "text put after every caption")
     caption_dropout_rate: float = opt(0.0, "drop the whole caption with this probability", lo=0.0, hi=1.0)
     caption_dropout_every_n_epochs: int | None = opt(None, "drop every caption in every n-th epoch; 0 = never",
                                                      lo=0)
     caption_tag_dropout_rate: float = opt(0.0, "drop each tag with this probability", lo=0.0, hi=1.0)
-    token_warmup_min: int = opt(1, "tags used at the start of token warmup", lo=1, hi=1000)
+    token_warmup_min: int = opt(1, "tags used at the start of token warmup", lo=0, hi=1000)
     token_warmup_step: float = opt(0.0, "steps (or a fraction of the run if < 1) to reach every tag", lo=0.0)
     enable_bucket: bool = opt(False, "aspect-ratio buckets")
     min_bucket_reso: int = opt(256, "smallest bucket side", lo=8, hi=8192)
@@ -97,7 +99,8 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this; 0 = no clipping", lo=0.0, hi=1e6)
     lr_scheduler: str = opt("constant", "LR schedule", choices=SCHEDULERS)
     lr_warmup_steps: float = opt(0, "warmup steps, or a fraction of the run if < 1", lo=0.0)
-    lr_scheduler_num_cycles: int = opt(1, "cosine_with_restarts: number of restarts", lo=1, hi=10000)
+    lr_scheduler_num_cycles: int = opt(1, "cosine_with_restarts: number of cosine cycles (hard restarts)",
+                                       lo=1, hi=10000)
     lr_scheduler_power: float = opt(1.0, "polynomial: the power", lo=0.0, hi=100.0)
     lr_scheduler_type: str | None = opt(None, "a scheduler class, e.g. torch.optim.lr_scheduler.CosineAnnealingLR")
     lr_scheduler_args: list[str] | None = opt(None, 'its arguments as kohya: ["T_max=100"]')
@@ -146,13 +149,17 @@ class TrainConfig:
     sample_sampler: str = opt("ddim", "sampler for samples", choices=SAMPLERS)
     logging_dir: str | None = opt(None, "TensorBoard log folder: loss, LR, per-block dW norms (attention vs conv)")
     log_with: str = opt("tensorboard", "where logs go (lorakit writes TensorBoard)", choices=("tensorboard",))
-    log_prefix: str | None = opt(None, "prefix of the run's log folder name")
+    log_prefix: str | None = opt(None, "logs go to logging_dir/<log_prefix><YYYYmmddHHMMSS>, a folder per run "
+                                       "as kohya (unset: straight into logging_dir)")
     save_state: bool = opt(False, "also save the training state with every saved file (for --resume)")
     resume: str | None = opt(None, "continue from a `<output_name>-state` folder (same losses as an unbroken run)")
 
     notes = ()  # not a field: settings accepted without effect, set by build_config
 
     def network_config(self) -> NetworkConfig:
+        """The network to build: lycoris.kohya without a preset targets LyCORIS's default preset (full)."""
+        if self.network_module == "lycoris.kohya" and self.network.lycoris_preset is None:
+            return replace(self.network, lycoris_preset=LYCORIS_DEFAULT_PRESET)
         return self.network
 
     def __getattr__(self, name: str):
