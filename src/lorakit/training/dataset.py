@@ -272,8 +272,9 @@ def _balance_reg(report: DatasetReport, start: int) -> None:
         report.notes.append(f"reg images: {len(reg)} image(s) used {sum(i.repeats for i in reg)} times per epoch, "
                             "as many as the train images x repeats; their loss is weighted by prior_loss_weight")
     if unused:
+        shown = ", ".join(str(i.path) for i in unused[:3]) + (" ..." if len(unused) > 3 else "")
         report.notes.append(f"reg images: {len(unused)} not used (more reg than train images x repeats), as in "
-                            "kohya: " + ", ".join(str(i.path) for i in unused[:3]) + (" ..." if len(unused) > 3 else ""))
+                            f"kohya: {shown}")
         dropped = {id(i) for i in unused}
         report.items[start:] = [i for i in items if id(i) not in dropped]
 
