@@ -44,6 +44,9 @@ def swapped(name: str, tmp_path: Path) -> dict:
         write_images(tmp_path / "train_data_dir" / "2_sks shape", 3, 0)
     if "reg_data_dir" in raw:
         write_images(tmp_path / "reg_data_dir" / "1_shape", 2, 1)
+    if "sample_prompts" in raw:  # kohya's prompt syntax, sized for the embedded 64 px model
+        raw["sample_prompts"] = str(tmp_path / "prompts.txt")
+        (tmp_path / "prompts.txt").write_text("sks, a red circle --n blurry --w 64 --h 64 --d 1 --l 5 --s 2\n")
     if "dataset_config" in raw:
         dataset = tomllib.loads((CONFIGS / raw["dataset_config"]).read_text())
         text = (CONFIGS / raw["dataset_config"]).read_text()

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lorakit.adapters.functional.layer import LayerSpec
-from lorakit.formats.kohya import KeyProblem, ModuleTensors, build_metadata, group_by_module, module_to_tensors, parse_module
+from lorakit.formats.kohya import (KeyProblem, ModuleTensors, build_metadata, group_by_module, minimal_metadata,
+                                   module_to_tensors, parse_module)
 from lorakit.formats.safetensors_io import LoraFileError, read_safetensors, tensor_data_hash, write_safetensors
 from lorakit.surgery.blocks import UNetLayout
 from lorakit.surgery.network import AdapterInfo, LoraNetwork
@@ -27,13 +28,16 @@ def network_tensors(network: LoraNetwork, dtype: torch.dtype | None = None) -> d
 
 def save_network(network: LoraNetwork, path: str | os.PathLike, dtype: torch.dtype | None = None,
                  title: str | None = None, metadata: dict[str, str] | None = None,
-                 v_prediction: bool = False) -> Path:
-    """Write the network atomically with ss_*/modelspec metadata and a correct sshs_model_hash."""
+                 v_prediction: bool = False, minimal: bool = False) -> Path:
+    """Write the network atomically with ss_*/modelspec metadata and a correct sshs_model_hash; minimal: only
+    what kohya's --no_metadata keeps (the keys that say how to load the file)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRA files are written as .safetensors")
     tensors = network_tensors(network, dtype)
     meta = network_metadata(network, title or path.stem, v_prediction, metadata)
+    if minimal:
+        meta = minimal_metadata(meta)
     digest = tensor_data_hash(tensors)  # the data region does not depend on the metadata
     meta["sshs_model_hash"] = digest
     meta["modelspec.hash_sha256"] = "0x" + digest

@@ -18,6 +18,9 @@ BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
                 "sdxl": "stable-diffusion-xl-v1-base/lora"}
 RESOLUTION = {"sd1": "512x512", "sd2": "512x512", "sdxl": "1024x1024"}
+# what kohya keeps with --no_metadata (train_util.SS_METADATA_MINIMUM_KEYS): enough to load and classify the file
+SS_METADATA_MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
+                            "ss_network_alpha", "ss_network_args")
 
 
 @dataclass
@@ -112,6 +115,11 @@ def build_metadata(family: str, network_dim: int | str, network_alpha: float | s
     }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta
+
+
+def minimal_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """kohya's --no_metadata: SS_METADATA_MINIMUM_KEYS and the modelspec.* keys, no training details."""
+    return {k: v for k, v in metadata.items() if k in SS_METADATA_MINIMUM_KEYS or k.startswith("modelspec.")}
 
 
 def file_family(metadata: dict[str, str], names) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lorakit.formats.files import save_network
+from lorakit.training.optim import plan_optimizer
 
 
 class TrainingStopped(RuntimeError):
@@ -53,7 +54,10 @@ def lora_metadata(trainer, progress) -> dict[str, str]:
             for spec in trainer.specs for s in spec.subsets}
     return {"ss_epoch": str(progress.epoch), "ss_steps": str(progress.step),
             "ss_learning_rate": str(cfg.learning_rate), "ss_unet_lr": str(cfg.unet_lr),
-            "ss_text_encoder_lr": str(cfg.text_encoder_lr), "ss_optimizer": cfg.optimizer_type,
+            "ss_text_encoder_lr": str(cfg.text_encoder_lr),
+            "ss_optimizer": plan_optimizer(cfg.optimizer_type, cfg.optimizer_args).description,
+            "ss_max_grad_norm": str(cfg.max_grad_norm), "ss_scale_weight_norms": str(cfg.scale_weight_norms),
+            "ss_training_comment": str(cfg.training_comment),
             "ss_lr_scheduler": cfg.lr_scheduler, "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
             "ss_num_train_images": str(report.num_train_images), "ss_seed": str(cfg.seed),
             "ss_resolution": f"({cfg.resolution[0]}, {cfg.resolution[1]})", "ss_clip_skip": str(cfg.clip_skip),
@@ -72,7 +76,35 @@ def save_lora(trainer, path: Path, progress) -> Path:
     try:
         return save_network(trainer.network, path, dtype=dtype, title=path.stem,
                             metadata=lora_metadata(trainer, progress),
-                            v_prediction=trainer.base.prediction_type == "v_prediction")
+                            v_prediction=trainer.base.prediction_type == "v_prediction", minimal=cfg.no_metadata)
     except OSError as e:
         raise TrainingStopped(f"could not write {path} ({e.strerror or e}); any earlier file of that name is "
                               "intact. Free disk space, then continue with --resume if a state was saved") from None
+
+
+# ---- file names and kohya's save_last_n_* rotation -------------------------------------------------------------
+def epoch_file_stem(output_name: str, epoch: int) -> str:
+    return f"{output_name}-{epoch:06d}"  # kohya's EPOCH_FILE_NAME
+
+
+def step_file_stem(output_name: str, step: int) -> str:
+    return f"{output_name}-step{step:08d}"  # kohya's STEP_FILE_NAME
+
+
+def removed_epoch(epoch: int, every: int, last_n: int | None) -> int | None:
+    """kohya's get_remove_epoch_no: saving epoch e deletes the file of epoch e - every·last_n, so the last
+    last_n epoch files remain (the final file is apart from these)."""
+    if not last_n:
+        return None
+    old = epoch - every * last_n
+    return old if old > 0 else None
+
+
+def removed_step(step: int, every: int, last_n: int | None) -> int | None:
+    """kohya's get_remove_step_no: saving step s deletes the save at s - last_n - 1 rounded down to a multiple
+    of every, so the step files of the last last_n steps remain."""
+    if not last_n:
+        return None
+    old = step - last_n - 1
+    old -= old % every
+    return old if old > 0 else None

@@ -24,7 +24,7 @@ from lorakit.formats.atomic import remove_stale_temp_files
 from lorakit.models import noise as nz
 from lorakit.models import objectives as obj
 from lorakit.surgery.network import LoraNetwork
-from lorakit.surgery.start import start_network
+from lorakit.formats.start import start_network
 from lorakit.training.captions import CaptionClock, process_caption
 from lorakit.training.config import ConfigError, TrainConfig
 from lorakit.training.data import LatentCache, batches_per_epoch, epoch_batches, live_note, loss_weights
