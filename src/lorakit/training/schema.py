@@ -81,7 +81,7 @@ class TrainConfig:
     bucket_reso_steps: int = opt(64, "bucket sides are multiples of this", lo=8, hi=1024)
     bucket_no_upscale: bool = opt(False, "small images get a bucket no larger than themselves")
     flip_aug: bool = opt(False, "random horizontal flips")
-    color_aug: bool = opt(False, "random hue shifts (latents are then encoded every step, not cached)")
+    color_aug: bool = opt(False, "a random hue shift or gamma in 1 of 3 uses (latents are then encoded every step)")
     random_crop: bool = opt(False, "random instead of centre crop (latents are then encoded every step)")
     prior_loss_weight: float = opt(1.0, "loss weight of regularization images", lo=0.0, hi=1e6)
     masked_loss: bool = opt(False, "weight the loss by a mask (the image's alpha channel with alpha_mask)")
