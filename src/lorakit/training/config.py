@@ -189,8 +189,8 @@ def _assemble(values: dict, problems: list[str], notes: list[str]) -> TrainConfi
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         setattr(network, f.name, net.get(f.name, default))
     problems.extend(network.problems())
-    notes.extend(network.notes())
     config = TrainConfig(network=network, **train)
+    notes.extend(config.network_config().notes())  # the network as built (lycoris.kohya's default preset)
     problems.extend(cross_field_problems(config))
     from lorakit.training.optim import optimization_checks  # optim imports ConfigError from here
 
@@ -257,9 +257,14 @@ def coerce(key: str, value, where: str = "", from_string: bool = False, label: s
     """Value -> the key's type, finite and range-checked. Strings (CLI, network_args) are parsed.
 
     `where` is accepted for callers that name a file; the message names the key (label) either way."""
-    f, hint = FIELDS[key], HINTS[key]
-    kind, meta, label = base_type(hint), f.metadata, label or key
-    prefix = f"{where}: " if where else ""
+    return coerce_field(FIELDS[key], HINTS[key], value, label or key, f"{where}: " if where else "", from_string,
+                        is_resolution=key == "resolution")
+
+
+def coerce_field(f, hint, value, label: str, prefix: str = "", from_string: bool = False,
+                 is_resolution: bool = False):
+    """coerce() for any schema field declared with lorakit.options.opt (dataset TOML tables use it too)."""
+    kind, meta = base_type(hint), f.metadata
     if value is None or (from_string and str(value).lower() in ("none", "null")):
         if f.default is None:
             return None
@@ -268,7 +273,7 @@ def coerce(key: str, value, where: str = "", from_string: bool = False, label: s
         value = _typed(kind, hint, value)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix}{label} = {value!r} is not a valid {kind.__name__} ({e}); {meta['help']}") from None
-    if key == "resolution" and len(value) == 1:
+    if is_resolution and len(value) == 1:
         value = value * 2  # kohya: one number is a square
     return _checked(label, value, meta, prefix)
 

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lorakit.training.buckets import bucket_resolutions, checked_bucket_range, nearest_bucket, no_upscale_bucket
 from lorakit.training.config import ConfigError, did_you_mean
+from lorakit.training.dataset_values import typed_table
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_PIXELS = 8192 * 8192  # larger images are refused as possible decompression bombs
@@ -109,6 +110,9 @@ def _folder_subsets(folder: str | Path, key: str, values: dict, notes: list[str]
         if not m:
             notes.append(f"{sub}: ignored, the name must be `<repeats>_<class tokens>` (e.g. 10_sks dog)")
             continue
+        if int(m.group(1)) < 1:  # kohya would build an epoch without these images; say so instead
+            raise ConfigError(f"{sub}: {m.group(1)} repeats: the folder would never be used; rename it to "
+                              f"`1_{m.group(2)}` or more (the number is how often each image is seen per epoch)")
         subset_values = {k: v for k, v in values.items() if k in SUBSET_KEYS}
         subsets.append(Subset(str(sub), int(m.group(1)), m.group(2), **subset_values))
     if not subsets:
@@ -117,39 +121,43 @@ def _folder_subsets(folder: str | Path, key: str, values: dict, notes: list[str]
 
 
 def from_toml(path: str | Path, defaults: dict | None = None) -> list[DatasetSpec]:
+    """A kohya dataset TOML; every unknown key and bad value in it is reported in one ConfigError."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: cannot read dataset TOML ({e})") from None
-    _check_keys(path, "top level", data, {"general", "datasets"})
-    general = data.get("general", {})
-    _check_keys(path, "[general]", general, SUBSET_KEYS | DATASET_KEYS)
+    problems: list[str] = []
+    known = SUBSET_KEYS | DATASET_KEYS
+    for key in data:
+        if key not in ("general", "datasets"):
+            problems.append(f"{path}: top level: unknown key {key!r}{did_you_mean(key, ['general', 'datasets'])}")
+    general = typed_table(data.get("general", {}), f"{path}: [general]", known, problems, did_you_mean)
     specs = []
     for i, ds in enumerate(data.get("datasets", [])):
-        _check_keys(path, f"[[datasets]] #{i + 1}", ds, SUBSET_KEYS | DATASET_KEYS | {"subsets"})
-        merged = {**(defaults or {}), **general, **{k: v for k, v in ds.items() if k != "subsets"}}
+        where = f"{path}: [[datasets]] #{i + 1}"
+        level = typed_table({k: v for k, v in ds.items() if k != "subsets"}, where, known, problems, did_you_mean)
+        merged = {**(defaults or {}), **general, **level}
         subsets = []
         for j, sub in enumerate(ds.get("subsets", [])):
-            _check_keys(path, f"[[datasets.subsets]] #{j + 1}", sub, SUBSET_KEYS)
-            values = {k: v for k, v in {**merged, **sub}.items() if k in SUBSET_KEYS}
+            sub_where = f"{where} [[datasets.subsets]] #{j + 1}"
+            values = {k: v for k, v in {**merged, **typed_table(sub, sub_where, SUBSET_KEYS, problems,
+                                                                 did_you_mean)}.items() if k in SUBSET_KEYS}
             if "image_dir" not in values:
-                raise ConfigError(f"{path}: [[datasets.subsets]] #{j + 1} needs image_dir")
+                problems.append(f"{sub_where}: needs image_dir (the subset's image folder)")
+                continue
             subsets.append(Subset(**values))
-        if not subsets:
-            raise ConfigError(f"{path}: [[datasets]] #{i + 1} has no [[datasets.subsets]]")
+        if not ds.get("subsets"):
+            problems.append(f"{where}: has no [[datasets.subsets]]")
         spec_values = {k: v for k, v in merged.items() if k in DATASET_KEYS}
         spec_values["resolution"] = as_size(spec_values.get("resolution", 512))
         specs.append(DatasetSpec(subsets, **spec_values))
-    if not specs:
-        raise ConfigError(f"{path}: no [[datasets]]")
+    if not data.get("datasets"):
+        problems.append(f"{path}: no [[datasets]] table")
+    if problems:
+        raise ConfigError(f"{path}: {len(problems)} problem(s) in the dataset TOML:\n" +
+                          "\n".join(f"  - {p}" for p in problems))
     return specs
-
-
-def _check_keys(path, where: str, table: dict, known: set[str]) -> None:
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{path}: {where}: unknown key {key!r}{did_you_mean(key, known)}")
 
 
 @dataclass

@@ -26,6 +26,9 @@ def prepare_dataset(config: TrainConfig) -> tuple[list, DatasetReport]:
     if not report.items:
         raise ConfigError(f"{source}: no usable images ({len(report.problems)} problem(s)): "
                           + "; ".join(report.problems[:3]))
+    if report.num_train_images == 0:  # an epoch without batches would never end
+        raise ConfigError(f"{source}: no training images, only regularization images: an epoch would have no "
+                          "batches; add a training subset (not is_reg) with num_repeats >= 1")
     return specs, report
 
 

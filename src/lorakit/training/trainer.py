@@ -258,6 +258,9 @@ class Trainer:
         accumulate = cfg.gradient_accumulation_steps
         params = [p for group in self.run_state.optimizer.param_groups for p in group["params"]]
         plan, group_losses = self.epoch_plan(progress.epoch), []
+        if not plan:  # never spin: an epoch without batches would repeat forever, deaf to Ctrl-C
+            raise TrainingStopped(f"epoch {progress.epoch} has no batches on this process (too few images for "
+                                  f"{self.procs.world} processes, or every repeat is 0); nothing was trained")
         while progress.batch < len(plan):
             loss = self.micro_batch(cache, plan[progress.batch], progress.micro)
             value = self.procs.mean(float(loss.detach()))
