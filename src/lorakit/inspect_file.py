@@ -24,7 +24,9 @@ from lorakit.surgery.blocks import SD_BLOCKS, SDXL_BLOCKS, block_of_kohya_name
 from lorakit.surgery.targets import te_block_label
 
 # kohya names of kxk convs, for layouts that flatten the kernel (LoHa, factorised LoKr)
-_KXK_SUFFIXES = ("_conv1", "_conv2", "_conv", "_op", "_in_layers_2", "_out_layers_3")
+# kxk convs by name (for LoHa/LoKr, whose conv factors are saved 2-D); conv_in/conv_out come with LyCORIS presets
+_KXK_SUFFIXES = ("_conv1", "_conv2", "_conv", "_op", "_in_layers_2", "_out_layers_3", "_conv_in", "_conv_out",
+                 "_input_blocks_0_0", "_out_2")
 
 
 def inspect_file(path: str | os.PathLike) -> dict:

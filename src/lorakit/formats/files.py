@@ -12,7 +12,7 @@ from lorakit.adapters.functional.layer import LayerSpec
 from lorakit.formats.kohya import (KeyProblem, ModuleTensors, build_metadata, group_by_module, minimal_metadata,
                                    module_to_tensors, parse_module)
 from lorakit.formats.safetensors_io import LoraFileError, read_safetensors, tensor_data_hash, write_safetensors
-from lorakit.surgery.blocks import UNetLayout
+from lorakit.surgery.blocks import UNetLayout, block_of_kohya_name
 from lorakit.surgery.network import AdapterInfo, LoraNetwork
 from lorakit.surgery.targets import all_named_layers, find_targets
 from lorakit.adapters.registry import get_algorithm
@@ -92,7 +92,9 @@ def load_network_file(path: str | os.PathLike, unet: nn.Module | None = None, te
         module_path, layer, component = layers[name]
         adapter = adapter_from_tensors(path, parsed, LayerSpec.of(layer), dtype)
         adapter.multiplier = multiplier
-        network.add(name, adapter, layer, AdapterInfo(component, blocks.get(name), module_path))
+        block = blocks.get(name) or (block_of_kohya_name(name[len("lora_unet_"):], layout.family)
+                                     if component == "unet" else None)  # layers only LyCORIS presets target
+        network.add(name, adapter, layer, AdapterInfo(component, block, module_path))
     if report.unmatched and not partial:
         shown = ", ".join(report.unmatched[:5]) + (" ..." if len(report.unmatched) > 5 else "")
         raise LoraFileError(path, f"{len(report.unmatched)} module(s) match no layer of this model: {shown}. "

@@ -92,7 +92,8 @@ def parse_module(name: str, suffixed: dict[str, torch.Tensor]) -> ModuleTensors:
 def build_metadata(family: str, network_dim: int | str, network_alpha: float | str, network_args: dict,
                    title: str, algo: str, v_prediction: bool = False, extra: dict[str, str] | None = None) -> dict:
     """ss_* (kohya) and modelspec.* (SAI ModelSpec 1.0.1) keys; every value a string."""
-    plain_lora = algo == "lora" and not network_args.get("use_tucker")
+    lycoris_only = ("use_tucker", "preset", "use_scalar", "rank_dropout_scale")  # args networks.lora lacks
+    plain_lora = algo == "lora" and not any(network_args.get(k) for k in lycoris_only)
     version = BASE_MODEL_VERSION[family] + ("_v" if v_prediction and family != "sdxl" else "")
     arch = "stable-diffusion-v2-768-v/lora" if v_prediction and family == "sd2" else ARCHITECTURE[family]
     meta = {

@@ -11,6 +11,7 @@ SDXL uses 23 slots: 0 = EMB (time/label embedding), 1-9 input_blocks 0-8, 10-12 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -123,3 +124,46 @@ def family_of_kohya_names(names: list[str]) -> str:
     if any(n.startswith(("lora_te1_", "lora_te2_")) or n.startswith("lora_unet_input_blocks_") for n in names):
         return "sdxl"
     return "sd1"
+
+
+LR_WEIGHT_PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
+
+
+def lr_weight_preset(spec: str, n: int) -> list[float]:
+    """kohya's named down/up_lr_weight curves over n blocks (i = 0..n-1, shallow to deep), plus an optional
+    `+offset` added to every value ("cosine+.25"):
+        sine   sin(π/2 · i/(n-1))          cosine  the same, reversed
+        linear i/(n-1)                     reverse_linear  the same, reversed      zeros  0
+    """
+    name, _, offset = spec.partition("+")
+    base = float(offset) if offset else 0.0
+    ramp = [i / (n - 1) for i in range(n)]
+    curves = {"sine": [math.sin(math.pi * r / 2) for r in ramp], "linear": ramp, "zeros": [0.0] * n}
+    curves["cosine"], curves["reverse_linear"] = curves["sine"][::-1], ramp[::-1]
+    if name not in curves:
+        raise ValueError(f"unknown LR-weight preset {spec!r}; kohya's are {', '.join(LR_WEIGHT_PRESETS)} "
+                         "(optionally +offset, e.g. cosine+.25)")
+    return [v + base for v in curves[name]]
+
+
+def kohya_block_lr_weights(down: list[float] | str | None, mid: list[float] | None, up: list[float] | str | None,
+                           zero_threshold: float, family: str) -> list[float] | None:
+    """kohya's get_block_lr_weight: down/mid/up multipliers -> one per U-Net block (25 SD1/SD2, 23 SDXL).
+
+    Per side (12 or 9 values; mid 1 or 3): a named curve (see lr_weight_preset), or a list cut to length or
+    padded with 1.0. A side given has every value <= zero_threshold set to 0 (its blocks then get no
+    adapters); a side not given is all 1.0. SDXL adds 1.0 for its EMB and FINAL slots. None if no side given.
+    """
+    if down is None and mid is None and up is None:
+        return None
+    n, n_mid = (9, 3) if family == "sdxl" else (12, 1)
+
+    def side(values, length):
+        if values is None:
+            return [1.0] * length
+        values = lr_weight_preset(values, length) if isinstance(values, str) else list(values)
+        values = (values + [1.0] * length)[:length]
+        return [float(v) if v > zero_threshold else 0.0 for v in values]
+
+    weights = side(down, n) + side(mid, n_mid) + side(up, n)
+    return [1.0] + weights + [1.0] if family == "sdxl" else weights

@@ -47,6 +47,12 @@ class LoraNetwork(nn.Module):
         self._layers[name] = layer
         self.info[name] = info
 
+    def remove(self, name: str) -> None:
+        """Drop adapter `name` (detached first), e.g. a side the config does not train."""
+        self.adapters[name].detach()
+        del self.adapters[name]
+        del self._layers[name], self.info[name]
+
     def layer(self, name: str) -> nn.Module:
         """The model layer adapter `name` belongs to."""
         return self._layers[name]
@@ -79,10 +85,14 @@ class LoraNetwork(nn.Module):
     # ---- optimisation ------------------------------------------------------------------------
     def param_groups(self, unet_lr: float | None = None, text_encoder_lr: float | None = None,
                      default_lr: float = 1e-4) -> list[dict]:
-        """One group per (text encoder | U-Net block); LR 0 drops the group (kohya: frozen side)."""
-        weights = {}
-        if self.config is not None and self.config.block_lr_weights is not None:
-            weights = dict(zip(self.block_names, self.config.block_lr_weights))
+        """One group per (text encoder | U-Net block); LR 0 drops the group (kohya: frozen side).
+
+        Block LR weights (block_lr_weights or kohya's down/mid/up_lr_weight) scale each block's LR. LoRA+
+        (kohya and LyCORIS alike) moves LoRA/LoCon `up` matrices into a `<group>_plus` group at LR x ratio;
+        LoHa/LoKr have no lora_up, so LoRA+ leaves them as they are."""
+        cfg = self.config
+        lr_weights = cfg.lr_weights(self.family) if cfg is not None else None
+        weights = dict(zip(self.block_names, lr_weights)) if lr_weights is not None else {}
         groups: dict[str, dict] = {}
         for name, adapter in self.adapters.items():
             info = self.info[name]
@@ -91,9 +101,13 @@ class LoraNetwork(nn.Module):
                 key = f"unet_{info.block}" if weights else "unet"
             else:
                 lr, key = (default_lr if text_encoder_lr is None else text_encoder_lr), "text_encoder"
-            if not lr:
-                continue
-            groups.setdefault(key, {"name": key, "lr": lr, "params": []})["params"].extend(adapter.parameters())
+            ratio = cfg.loraplus_ratio(info.component) if cfg is not None else None
+            for pname, param in adapter.named_parameters():
+                plus = ratio is not None and adapter.algo == "lora" and pname == "up"
+                group_lr, group_key = (lr * ratio, f"{key}_plus") if plus else (lr, key)
+                if group_lr:
+                    group = groups.setdefault(group_key, {"name": group_key, "lr": group_lr, "params": []})
+                    group["params"].append(param)
         return list(groups.values())
 
     # ---- reporting ---------------------------------------------------------------------------
@@ -128,10 +142,12 @@ def create_network(unet: nn.Module | None = None, text_encoders: list[nn.Module]
     block_names = layout.block_names if layout else ()
     if layout is not None:
         config.check_block_lengths(layout.num_blocks, layout.family)
-    targets = find_targets(unet, text_encoders, config.with_conv)
+    preset = config.preset
+    targets = find_targets(unet, text_encoders, config.with_conv, preset)
     if not targets:
         searched = (UNET_ATTENTION_CLASSES + UNET_CONV_CLASSES if config.with_conv else UNET_ATTENTION_CLASSES)
-        raise no_target_error([m for m in [unet, *text_encoders] if m is not None], searched + TEXT_ENCODER_CLASSES)
+        searched = searched + TEXT_ENCODER_CLASSES if preset is None else preset.unet_classes + preset.te_classes
+        raise no_target_error([m for m in [unet, *text_encoders] if m is not None], searched)
     algo = get_algorithm(config.algo)
     options, dropouts = config.algo_options(), config.dropouts()
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -140,7 +156,7 @@ def create_network(unet: nn.Module | None = None, text_encoders: list[nn.Module]
     for target in targets:
         if target.component == "unet":
             block_index = block_names.index(target.block) if target.block in block_names else None
-            dim, alpha = config.rank_for(block_index, target.is_kxk_conv)
+            dim, alpha = config.rank_for(block_index, target.is_kxk_conv, family)
         else:
             dim, alpha = config.network_dim, config.network_alpha
         if dim <= 0:

@@ -1,17 +1,20 @@
-"""Which layers get adapters (kohya's rules) and what they are called in files.
+"""Which layers get adapters (kohya's rules, or a LyCORIS preset) and what they are called in files.
 
 U-Net: Linear and 1x1 Conv2d inside Transformer2DModel; with conv enabled also every Linear/Conv2d inside
 ResnetBlock2D, Downsample2D, Upsample2D (kxk convs take conv_dim, the others network_dim). Text
 encoders: Linear layers inside CLIP attention and MLP. Matching is by class name, as kohya does.
+A LyCORIS preset (lorakit.surgery.presets) replaces those class lists and adds layers named by path.
 """
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 from torch import nn
 
 from lorakit.surgery.blocks import UNetLayout, block_of_kohya_name, to_ldm_path
+from lorakit.surgery.presets import Preset
 
 UNET_ATTENTION_CLASSES = ("Transformer2DModel",)
 UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -53,33 +56,59 @@ def text_encoder_prefixes(count: int) -> list[str]:
     return ["lora_te"] if count == 1 else [f"lora_te{i + 1}" for i in range(count)]
 
 
-def find_targets(unet: nn.Module | None, text_encoders: list[nn.Module], with_conv: bool) -> list[Target]:
-    """kohya's discovery: walk modules of the target classes and take their Linear/Conv2d children."""
+def find_targets(unet: nn.Module | None, text_encoders: list[nn.Module], with_conv: bool,
+                 preset: Preset | None = None) -> list[Target]:
+    """kohya's discovery: walk modules of the target classes and take their Linear/Conv2d children.
+
+    With a LyCORIS preset: its classes and path patterns instead; kxk convs only if it enables conv."""
     targets: list[Target] = []
     if unet is not None:
         layout = UNetLayout.of(unet)
-        classes = UNET_ATTENTION_CLASSES + (UNET_CONV_CLASSES if with_conv else ())
-        for path, layer, in_conv in _walk(unet, classes):
+        classes, names = UNET_ATTENTION_CLASSES + (UNET_CONV_CLASSES if with_conv else ()), ()
+        if preset is not None:
+            classes, names = preset.unet_targets(layout.family)
+        # SDXL files (and kohya's SDXL U-Net that presets were written for) use SGM paths
+        file_path = (lambda p: _ldm_or_none(p, layout)) if layout.family == "sdxl" else (lambda p: p)
+        for path, layer, in_conv in _walk(unet, classes, names, file_path):
             name = unet_kohya_name(path, layout)
             block = block_of_kohya_name(name[len("lora_unet_"):], layout.family)
             targets.append(Target(name, path, layer, "unet", block, in_conv))
+    te_classes = TEXT_ENCODER_CLASSES if preset is None else preset.te_classes
     for prefix, te in zip(text_encoder_prefixes(len(text_encoders)), text_encoders):
-        for path, layer, _ in _walk(te, TEXT_ENCODER_CLASSES):
+        for path, layer, _ in _walk(te, te_classes):
             targets.append(Target(text_encoder_kohya_name(path, prefix), path, layer, prefix[len("lora_"):],
                                   _te_block(path, prefix), False))
+    if preset is not None and not preset.enable_conv:
+        targets = [t for t in targets if not t.is_kxk_conv]  # LyCORIS: conv dim 0 for such presets
     return targets
 
 
-def _walk(root: nn.Module, classes: tuple[str, ...]):
+def _walk(root: nn.Module, classes: tuple[str, ...], names: tuple[str, ...] = (), file_path=lambda p: p):
+    """Linear/Conv2d layers inside modules of `classes`, and layers whose path `re.match`es one of `names`
+    (LyCORIS's rule: a module matched by name is not searched by class). Each layer once."""
     seen: set[int] = set()
+
+    def named(path: str) -> bool:
+        target = file_path(path) if names else None
+        return target is not None and any(re.match(n, target) for n in names)
+
     for path, module in root.named_modules():
-        if type(module).__name__ not in classes:
-            continue
-        in_conv = type(module).__name__ in UNET_CONV_CLASSES
-        for child_path, child in module.named_modules():
-            if type(child).__name__ in ("Linear", "Conv2d") and id(child) not in seen:
-                seen.add(id(child))
-                yield f"{path}.{child_path}" if path else child_path, child, in_conv
+        if type(module).__name__ in classes and not named(path):
+            in_conv = type(module).__name__ in UNET_CONV_CLASSES
+            for child_path, child in module.named_modules():
+                if type(child).__name__ in ("Linear", "Conv2d") and id(child) not in seen:
+                    seen.add(id(child))
+                    yield f"{path}.{child_path}" if path else child_path, child, in_conv
+        elif type(module).__name__ in ("Linear", "Conv2d") and id(module) not in seen and named(path):
+            seen.add(id(module))
+            yield path, module, False
+
+
+def _ldm_or_none(path: str, layout: UNetLayout) -> str | None:
+    try:
+        return to_ldm_path(path, layout)
+    except ValueError:
+        return None  # containers with no LDM equivalent: no path pattern can name them
 
 
 def _te_block(path: str, prefix: str) -> str:

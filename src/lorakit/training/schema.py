@@ -7,7 +7,8 @@ is listed, with its status, in lorakit/data/kohya_keys.toml.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from copy import copy
+from dataclasses import dataclass
 
 from lorakit.options import opt
 from lorakit.surgery.config import NetworkConfig
@@ -60,6 +61,8 @@ class TrainConfig:
     dataset_config: str | None = opt(None, "kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]])")
     resolution: list[int] = opt(None, 'training resolution: 512, or "W,H" as kohya', lo=8, hi=8192,
                                 factory=lambda: [512, 512])
+    strict_dataset: bool = opt(False, "a file that cannot be used (corrupt, truncated, not an image) is an error "
+                                      "instead of being skipped with a line saying so")
     train_batch_size: int = opt(1, "batch size", lo=1, hi=1024)
     caption_extension: str = opt(".txt", "caption file extension")
     shuffle_caption: bool = opt(False, "shuffle the caption's tags (after keep_tokens)")
@@ -159,7 +162,9 @@ class TrainConfig:
     def network_config(self) -> NetworkConfig:
         """The network to build: lycoris.kohya without a preset targets LyCORIS's default preset (full)."""
         if self.network_module == "lycoris.kohya" and self.network.lycoris_preset is None:
-            return replace(self.network, lycoris_preset=LYCORIS_DEFAULT_PRESET)
+            network = copy(self.network)  # not replace(): that would validate again, and build_config collects
+            network.lycoris_preset = LYCORIS_DEFAULT_PRESET
+            return network
         return self.network
 
     def __getattr__(self, name: str):

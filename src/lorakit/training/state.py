@@ -20,9 +20,14 @@ from lorakit.formats.atomic import atomic_write
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 # settings that change what the saved tensors mean; anything else (LR, steps, outputs) may change on resume
+# (the module set, each module's tensors, or the optimizer's param groups)
 SHAPE_KEYS = ("algo", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "block_dims", "block_alphas",
               "conv_block_dims", "conv_block_alphas", "network_train_unet_only",
-              "network_train_text_encoder_only", "seed", "optimizer_type")
+              "network_train_text_encoder_only", "seed", "optimizer_type",
+              "network_module", "lycoris_preset", "use_tucker", "use_scalar", "factor", "decompose_both",
+              "full_matrix", "unbalanced_factorization", "train_norm", "block_lr_weights", "down_lr_weight",
+              "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
+              "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "dim_from_weights")
 
 
 class ResumeError(ValueError):

@@ -124,7 +124,9 @@ class Trainer:
         self.prompts = prepare_samples(config)
         self.procs = Processes(device)
         self.device = self.procs.device
+        self.tell([f"skipped: {p}" for p in self.report.problems] + [f"note: {n}" for n in self.report.notes])
         self.base = prepare_base(config)
+        self.tell([f"note: {n}" for n in self.base.notes])
         pipe = self.base.pipeline
         pipe.set_progress_bar_config(disable=True)
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -140,6 +142,12 @@ class Trainer:
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(self.device)
         self._text_cache: dict[tuple, tuple] = {}  # (caption, pixel size) -> (hidden, SDXL extras)
         self.out = Path(config.output_dir)
+
+    def tell(self, lines: list[str]) -> None:
+        """What the run skipped or decided, said once on the main process (stderr: stdout stays the result)."""
+        if self.procs.is_main:
+            for line in lines:
+                print(line, file=sys.stderr)
 
     # ---- steps ------------------------------------------------------------------------------
     def total_steps(self) -> int:

@@ -70,8 +70,10 @@ def rank_of(weights: dict[str, torch.Tensor]) -> int:
 
 
 def init_weights(spec: LayerSpec, rank: int, use_tucker: bool = False, dtype=None, device=None,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """LyCORIS init: w1b, w2b ~ N(0,1); w1a ~ N(0, 0.1); w2a = 0 so ΔW = 0 at step 0; t1, t2 ~ N(0, 0.1)."""
+                 generator: torch.Generator | None = None, use_scalar: bool = False) -> dict[str, torch.Tensor]:
+    """LyCORIS init: w1b, w2b ~ N(0,1); w1a ~ N(0, 0.1); w2a = 0 so ΔW = 0 at step 0; t1, t2 ~ N(0, 0.1).
+
+    use_scalar (LyCORIS): w2a ~ N(0, 0.1) too; the module's scalar, starting at 0, keeps ΔW = 0."""
     out_ch, in_ch, kernel = spec.out_features, spec.in_features, spec.kernel
     tucker = use_tucker and spec.is_conv and kernel != (1, 1)
     k = 1
@@ -81,11 +83,14 @@ def init_weights(spec: LayerSpec, rank: int, use_tucker: bool = False, dtype=Non
     def normal(shape, std):
         return torch.randn(shape, dtype=dtype, device=device, generator=generator) * std
 
+    def second_up(shape):
+        return normal(shape, 0.1) if use_scalar else torch.zeros(shape, dtype=dtype, device=device)
+
     if tucker:
         w = {"t1": normal((rank, rank, *kernel), 0.1), "w1a": normal((rank, out_ch), 0.1),
              "w1b": normal((rank, in_ch), 1.0), "t2": normal((rank, rank, *kernel), 0.1),
-             "w2a": torch.zeros((rank, out_ch), dtype=dtype, device=device), "w2b": normal((rank, in_ch), 1.0)}
+             "w2a": second_up((rank, out_ch)), "w2b": normal((rank, in_ch), 1.0)}
     else:
         w = {"w1a": normal((out_ch, rank), 0.1), "w1b": normal((rank, in_ch * k), 1.0),
-             "w2a": torch.zeros((out_ch, rank), dtype=dtype, device=device), "w2b": normal((rank, in_ch * k), 1.0)}
+             "w2a": second_up((out_ch, rank)), "w2b": normal((rank, in_ch * k), 1.0)}
     return w

@@ -113,9 +113,15 @@ def bypass_flops(weights: dict[str, torch.Tensor], spec: LayerSpec, positions: i
 
 
 def plan_shapes(spec: LayerSpec, rank: int, factor: int = -1, decompose_both: bool = False,
-                use_tucker: bool = False, full_matrix: bool = False) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes, with LyCORIS's rules for which side is factorised."""
+                use_tucker: bool = False, full_matrix: bool = False,
+                unbalanced: bool = False) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes, with LyCORIS's rules for which side is factorised.
+
+    unbalanced (LyCORIS unbalanced_factorization): the output split (a, b) is swapped to (b, a), so W1 takes
+    the larger output factor; the input split is unchanged."""
     a, b = factorization(spec.out_features, factor)
+    if unbalanced:
+        a, b = b, a
     c, d = factorization(spec.in_features, factor)
     kernel = spec.kernel
     shapes: dict[str, tuple[int, ...]] = {}
@@ -134,13 +140,16 @@ def plan_shapes(spec: LayerSpec, rank: int, factor: int = -1, decompose_both: bo
 
 def init_weights(spec: LayerSpec, rank: int, factor: int = -1, decompose_both: bool = False,
                  use_tucker: bool = False, full_matrix: bool = False, dtype=None, device=None,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """LyCORIS init: W1 side kaiming; full w2 zeros; w2a kaiming, w2b zeros; t2 kaiming. ΔW = 0 at step 0."""
-    shapes = plan_shapes(spec, rank, factor, decompose_both, use_tucker, full_matrix)
+                 generator: torch.Generator | None = None, use_scalar: bool = False,
+                 unbalanced: bool = False) -> dict[str, torch.Tensor]:
+    """LyCORIS init: W1 side kaiming; full w2 zeros; w2a kaiming, w2b zeros; t2 kaiming. ΔW = 0 at step 0.
+
+    use_scalar (LyCORIS): w2 / w2b kaiming too; the module's scalar, starting at 0, keeps ΔW = 0."""
+    shapes = plan_shapes(spec, rank, factor, decompose_both, use_tucker, full_matrix, unbalanced)
     weights = {}
     for name, shape in shapes.items():
         t = torch.empty(shape, dtype=dtype, device=device)
-        if name in ("w2", "w2b"):
+        if name in ("w2", "w2b") and not use_scalar:
             t.zero_()
         else:
             kaiming_uniform_(t, generator)

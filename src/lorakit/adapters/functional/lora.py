@@ -58,8 +58,10 @@ def bypass_delta(x: torch.Tensor, spec: LayerSpec, down: torch.Tensor, up: torch
 
 
 def init_weights(spec: LayerSpec, rank: int, use_tucker: bool = False, dtype=None, device=None,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """microsoft/LoRA init: down (and mid) kaiming-uniform with a = sqrt(5), up zeros, so ΔW = 0 at step 0."""
+                 generator: torch.Generator | None = None, use_scalar: bool = False) -> dict[str, torch.Tensor]:
+    """microsoft/LoRA init: down (and mid) kaiming-uniform with a = sqrt(5), up zeros, so ΔW = 0 at step 0.
+
+    use_scalar (LyCORIS): up is kaiming-uniform too; the module's scalar, starting at 0, keeps ΔW = 0."""
     out_ch, in_ch, kernel = spec.out_features, spec.in_features, spec.kernel
     tucker = use_tucker and spec.is_conv and kernel != (1, 1)
     if not spec.is_conv:
@@ -71,7 +73,7 @@ def init_weights(spec: LayerSpec, rank: int, use_tucker: bool = False, dtype=Non
     weights = {}
     for name, shape in shapes.items():
         t = torch.empty(shape, dtype=dtype, device=device)
-        if name == "up":
+        if name == "up" and not use_scalar:
             t.zero_()
         else:
             kaiming_uniform_(t, generator)

@@ -24,11 +24,20 @@ class Dropouts:
     dropout: F.dropout on the rank activations (LoRA/LoCon only).
     rank_dropout: per-sample keep-mask over the rank, rescaled by 1/(1-p).
     module_dropout: skip the whole adapter for a call with probability p.
+    rank_dropout_scale: LyCORIS's rescale instead: the keep-mask divided by its own mean.
     """
 
     dropout: float = 0.0
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
+    rank_dropout_scale: bool = False
+
+    def rescaled(self, keep: torch.Tensor) -> torch.Tensor:
+        """A 0/1 keep-mask of rank_dropout, rescaled: by 1/(1-p) (kohya), or by 1/mean(mask) with
+        rank_dropout_scale (LyCORIS; an all-zero mask stays zero)."""
+        if self.rank_dropout_scale:
+            return keep / keep.mean().clamp_min(torch.finfo(keep.dtype).tiny)
+        return keep / (1.0 - self.rank_dropout)
 
     def __post_init__(self):
         for name in ("dropout", "rank_dropout", "module_dropout"):
@@ -111,8 +120,24 @@ class AdapterModule(nn.Module):
             return 2 * base + 3 * self.bypass_flops(positions)
         return 3 * base + 3 * self.build_flops()
 
+    # the factor LyCORIS folds its use_scalar scalar into (lora_up, hada_w1_a, lokr_w1 / lokr_w1_a)
+    scalar_targets: tuple[str, ...] = ()
+
     def weights(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in self.param_names}
+        """The factors as files hold them: with use_scalar, one factor carries the scalar (LyCORIS folds it
+        at save), so ΔW, merging and saving all see scalar · ΔW."""
+        weights = {n: getattr(self, n) for n in self.param_names}
+        scalar = getattr(self, "scalar", None)
+        if scalar is not None:
+            target = next(n for n in self.scalar_targets if n in weights)
+            weights[target] = weights[target] * scalar
+        return weights
+
+    def add_scalar(self) -> None:
+        """LyCORIS use_scalar: a trained scalar starting at 0 multiplies ΔW (so step 0 is the base model
+        even though every factor starts random)."""
+        ref = getattr(self, self.param_names[0])
+        self.scalar = nn.Parameter(torch.zeros((), dtype=ref.dtype, device=ref.device))
 
     # ---- attaching to a frozen layer ---------------------------------------------------------
     @property
@@ -161,7 +186,7 @@ class AdapterModule(nn.Module):
         dw = self.delta_weight()
         p = self.dropouts.rank_dropout
         if self.training and p > 0.0:
-            keep = (torch.rand(dw.shape[0], device=dw.device) >= p).to(dw.dtype) / (1.0 - p)
+            keep = self.dropouts.rescaled((torch.rand(dw.shape[0], device=dw.device) >= p).to(dw.dtype))
             dw = dw * keep.view(-1, *([1] * (dw.dim() - 1)))
         return dw
 

@@ -15,10 +15,12 @@ from lorakit.adapters.modules.base import AdapterModule, Dropouts
 @dataclass(frozen=True)
 class LoHaOptions:
     use_tucker: bool = False  # `hada_t1/t2` cores for kxk convs
+    use_scalar: bool = False  # LyCORIS: trained scalar from 0, w2a starts random (folded into hada_w1_a in files)
 
 
 class LoHaModule(AdapterModule):
     algo = "loha"
+    scalar_targets = ("w1a",)
 
     @classmethod
     def create(cls, spec: LayerSpec, rank: int, alpha: float | None, options: LoHaOptions = LoHaOptions(),
@@ -26,8 +28,11 @@ class LoHaModule(AdapterModule):
                generator: torch.Generator | None = None) -> "LoHaModule":
         if dropouts.dropout > 0.0:
             raise ValueError("dropout acts on LoRA rank activations; LoHa has none (use rank_dropout/module_dropout)")
-        weights = F_loha.init_weights(spec, rank, options.use_tucker, dtype, device, generator)
-        return cls(spec, weights, alpha, dropouts, forward_mode)
+        weights = F_loha.init_weights(spec, rank, options.use_tucker, dtype, device, generator, options.use_scalar)
+        module = cls(spec, weights, alpha, dropouts, forward_mode)
+        if options.use_scalar:
+            module.add_scalar()
+        return module
 
     @property
     def rank(self) -> int:

@@ -17,6 +17,8 @@ class LoKrOptions:
     decompose_both: bool = False  # also factorise W1 as w1a @ w1b
     use_tucker: bool = False  # `lokr_t2` core for kxk convs (ComfyUI fails on it: off by default)
     full_matrix: bool = False  # W2 as a full matrix: scale 1, alpha ignored
+    use_scalar: bool = False  # LyCORIS: trained scalar from 0, W2 starts random (folded into lokr_w1(_a) in files)
+    unbalanced_factorization: bool = False  # LyCORIS: the larger factor of the output size goes to W1
 
 
 def full_w1_numel(weights: dict[str, torch.Tensor]) -> int:
@@ -27,6 +29,7 @@ def full_w1_numel(weights: dict[str, torch.Tensor]) -> int:
 
 class LoKrModule(AdapterModule):
     algo = "lokr"
+    scalar_targets = ("w1", "w1a")
 
     @classmethod
     def create(cls, spec: LayerSpec, rank: int, alpha: float | None, options: LoKrOptions = LoKrOptions(),
@@ -35,10 +38,13 @@ class LoKrModule(AdapterModule):
         if dropouts.dropout > 0.0:
             raise ValueError("dropout acts on LoRA rank activations; LoKr has none (use rank_dropout/module_dropout)")
         weights = F_lokr.init_weights(spec, rank, options.factor, options.decompose_both, options.use_tucker,
-                                      options.full_matrix, dtype, device, generator)
+                                      options.full_matrix, dtype, device, generator, options.use_scalar,
+                                      options.unbalanced_factorization)
         module = cls(spec, weights, alpha if F_lokr.is_factorised(weights) else None, dropouts, forward_mode)
         if not F_lokr.is_factorised(weights):
             module.alpha.fill_(float(rank))  # both sides full: consumers use scale 1; store alpha = dim like LyCORIS
+        if options.use_scalar:
+            module.add_scalar()
         return module
 
     @property

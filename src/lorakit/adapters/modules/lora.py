@@ -13,34 +13,39 @@ from lorakit.adapters.modules.base import AdapterModule, Dropouts
 @dataclass(frozen=True)
 class LoRAOptions:
     use_tucker: bool = False  # kxk convs as down 1x1 -> mid kxk -> up 1x1 (`lora_mid`); diffusers cannot load it
+    use_scalar: bool = False  # LyCORIS: trained scalar from 0, `up` starts random (folded into lora_up in files)
 
 
 class LoRAModule(AdapterModule):
     algo = "lora"
     dropout_path = "bypass"  # masks act on the rank activations, which exist only on the bypass path
+    scalar_targets = ("up",)
 
     @classmethod
     def create(cls, spec: LayerSpec, rank: int, alpha: float | None, options: LoRAOptions = LoRAOptions(),
                dropouts: Dropouts = Dropouts(), forward_mode: str = "auto", dtype=None, device=None,
                generator: torch.Generator | None = None) -> "LoRAModule":
-        weights = F_lora.init_weights(spec, rank, options.use_tucker, dtype, device, generator)
-        return cls(spec, weights, alpha, dropouts, forward_mode)
+        weights = F_lora.init_weights(spec, rank, options.use_tucker, dtype, device, generator, options.use_scalar)
+        module = cls(spec, weights, alpha, dropouts, forward_mode)
+        if options.use_scalar:
+            module.add_scalar()
+        return module
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
     def delta_weight(self) -> torch.Tensor:
-        return F_lora.delta_weight(self.down, self.up, self.scale, getattr(self, "mid", None))
+        return F_lora.delta_weight(self.down, self.weights()["up"], self.scale, getattr(self, "mid", None))
 
     def bypass_delta(self, x: torch.Tensor) -> torch.Tensor:
         mask = None
         p = self.dropouts.rank_dropout
         if self.training and p > 0.0:
-            mask = (torch.rand(x.shape[0], self.rank, device=x.device) >= p).to(x.dtype) / (1.0 - p)
+            mask = self.dropouts.rescaled((torch.rand(x.shape[0], self.rank, device=x.device) >= p).to(x.dtype))
         dt = x.dtype
         mid = getattr(self, "mid", None)
-        return F_lora.bypass_delta(x, self.spec, self.down.to(dt), self.up.to(dt), self.scale,
+        return F_lora.bypass_delta(x, self.spec, self.down.to(dt), self.weights()["up"].to(dt), self.scale,
                                    None if mid is None else mid.to(dt), mask, self.dropouts.dropout, self.training)
 
     def bypass_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +56,7 @@ class LoRAModule(AdapterModule):
                  and layer.weight.dtype == dt and not torch.is_autocast_enabled(x.device.type))
         if self.spec.is_conv or dropping or not plain:
             return super().bypass_forward(x)
-        return F_lora.fused_linear(x, layer.weight, layer.bias, self.down.to(dt), self.up.to(dt),
+        return F_lora.fused_linear(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt),
                                    self.scale * self.multiplier)
 
     def bypass_flops(self, positions: int) -> int:
