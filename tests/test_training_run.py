@@ -61,8 +61,8 @@ def test_resume_refuses_changed_network_settings(tiny_folder, images, tmp_path):
     with pytest.raises(ResumeError, match=r"network_dim \(4 -> 8\)"):
         Trainer(train_config(tiny_folder, images, tmp_path, network_dim=8,
                              resume=str(stopped.value.state_dir))).run()
-    with pytest.raises(ResumeError, match="no state.pt"):
-        Trainer(train_config(tiny_folder, images, tmp_path, resume=str(tmp_path))).run()
+    with pytest.raises(ConfigError, match="no state.pt"):  # found before anything loads
+        Trainer(train_config(tiny_folder, images, tmp_path, resume=str(tmp_path)))
 
 
 def test_samples_every_epoch_with_kohya_prompt_options(tiny_folder, images, tmp_path):

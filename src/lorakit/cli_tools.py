@@ -24,6 +24,7 @@ def finite_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return value
 
+
 def _cmd_resize(args) -> int:
     from lorakit.tools.resize import resize_file
 

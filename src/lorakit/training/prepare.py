@@ -26,6 +26,9 @@ def prepare_dataset(config: TrainConfig) -> tuple[list, DatasetReport]:
     if not report.items:
         raise ConfigError(f"{source}: no usable images ({len(report.problems)} problem(s)): "
                           + "; ".join(report.problems[:3]))
+    if config.strict_dataset and report.problems:
+        raise ConfigError(f"{source}: strict_dataset = true and {len(report.problems)} file(s) cannot be used:\n"
+                          + "\n".join(f"  - {p}" for p in report.problems))
     if report.num_train_images == 0:  # an epoch without batches would never end
         raise ConfigError(f"{source}: no training images, only regularization images: an epoch would have no "
                           "batches; add a training subset (not is_reg) with num_repeats >= 1")
@@ -59,4 +62,26 @@ def prepare_base(config: TrainConfig) -> BaseModel:
                           "(lorakit detects the family from the file) or give an SD2.x model")
     if config.v2:
         base.notes.append("v2 = true agrees with the file (SD2.x); lorakit detects this by itself")
+    problems = model_problems(config, base)
+    if problems:
+        raise ConfigError(f"{len(problems)} setting(s) do not fit {base.source}:\n" +
+                          "\n".join(f"  - {p}" for p in problems))
     return base
+
+
+def model_problems(config: TrainConfig, base: BaseModel) -> list[str]:
+    """Settings that only the model can judge: text-encoder depth for clip_skip, the pixel grid for sizes."""
+    out = []
+    layers = min(te.config.num_hidden_layers for te in base.text_encoders)
+    if config.clip_skip > layers:
+        out.append(f"clip_skip = {config.clip_skip}, but the text encoder has {layers} layers; use 1..{layers} "
+                   "(2 is common for anime models)")
+    vae = base.pipeline.vae
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent
+    grid = 8 * factor
+    for side in dict.fromkeys(config.resolution):
+        if side % grid:
+            low, high = side // grid * grid, -(-side // grid) * grid
+            out.append(f"resolution {side} is not a multiple of {grid} (8 x the VAE's {factor}x downsampling); "
+                       f"use {low or grid} or {high}")
+    return out
