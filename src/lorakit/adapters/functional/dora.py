@@ -1,0 +1,116 @@
+"""DoRA (weight-decomposed low-rank adaptation): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖.
+
+The norm is taken per output row (`axis="output"`: over every dim but 0) or per input column
+(`axis="input"`: over every dim but 1; for a conv that is over (out, kh, kw)). The magnitude m is stored in
+the layout LyCORIS files use, which also tells the axis apart by shape:
+
+    output axis   Linear (out, 1)   conv (out, 1, 1, 1)     LyCORIS >= 3.2 (wd_on_output=True)
+    input axis    Linear (1, in)    conv (1, in, 1, 1)      LyCORIS legacy, OneTrainer; A1111/ComfyUI/Forge
+
+m starts at ‖W‖ on the same axis, so step 0 is the base weight exactly (ratio m / ‖W‖ is exactly 1.0).
+A strength μ blends as A1111 and ComfyUI do: W + μ·(W' − W). ΔW may be any algorithm's (LoRA, LoHa, LoKr).
+The norm's gradient flows by default, as in LyCORIS (the DoRA paper and PEFT detach it).
+"""
+from __future__ import annotations
+
+import torch
+
+AXES = ("output", "input")
+
+
+def _check_axis(axis: str) -> None:
+    if axis not in AXES:
+        raise ValueError(f"DoRA axis must be one of {AXES}, got {axis!r}")
+
+
+def magnitude_shape(weight_shape: tuple[int, ...], axis: str) -> tuple[int, ...]:
+    """(out, 1[, 1, 1]) for the output axis, (1, in[, 1, 1]) for the input axis."""
+    _check_axis(axis)
+    ones = [1] * (len(weight_shape) - 2)
+    if axis == "output":
+        return (weight_shape[0], 1, *ones)
+    return (1, weight_shape[1], *ones)
+
+
+def axis_of(magnitude_shape_: tuple[int, ...], weight_shape: tuple[int, ...]) -> str | None:
+    """The axis a stored magnitude (in the layout above) normalises, or None if it fits neither."""
+    shape = tuple(magnitude_shape_)
+    for axis in AXES:
+        if shape == magnitude_shape(weight_shape, axis):
+            return axis
+    return None
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """At least float32: a bf16 norm over thousands of elements loses the ratio's last digits."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def weight_norm(weight: torch.Tensor, axis: str) -> torch.Tensor:
+    """‖W‖ per output row or input column, kept in the magnitude's layout."""
+    _check_axis(axis)
+    dims = tuple(d for d in range(weight.dim()) if d != (0 if axis == "output" else 1))
+    return torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
+
+
+def init_magnitude(weight: torch.Tensor, axis: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """m = ‖W‖ on `axis` (computed in at least float32), the value that makes step 0 the base model."""
+    w = weight.detach().to(compute_dtype(weight))
+    return weight_norm(w, axis).to(dtype or w.dtype)
+
+
+def ratio(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: str,
+          detach_norm: bool = False) -> torch.Tensor:
+    """m / ‖W + ΔW‖ in the magnitude's layout (compute dtype). A zero column gets ratio m / tiny, not inf."""
+    dtype = compute_dtype(weight, delta, magnitude)
+    merged = weight.to(dtype) + delta.to(dtype)
+    norm = weight_norm(merged, axis)
+    if detach_norm:
+        norm = norm.detach()
+    return magnitude.to(dtype) / norm.clamp_min(torch.finfo(dtype).tiny)
+
+
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: str,
+                multiplier: float = 1.0, detach_norm: bool = False) -> torch.Tensor:
+    """W + μ·(m ⊙ (W + ΔW) / ‖W + ΔW‖ − W), in the compute dtype (at least float32).
+
+    One pass over the weight per call: the norm is of the weight, never of activations.
+    """
+    dtype = compute_dtype(weight, delta, magnitude)
+    w = weight.to(dtype)
+    decomposed = (w + delta.to(dtype)) * ratio(w, delta, magnitude, axis, detach_norm)
+    if multiplier == 1.0:
+        return decomposed
+    return w + multiplier * (decomposed - w)
+
+
+def dora_delta(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: str,
+               multiplier: float = 1.0) -> torch.Tensor:
+    """The full-rank difference μ·(W' − W) a DoRA module adds to W (what merge tools and SVD work on)."""
+    w = weight.to(compute_dtype(weight, delta, magnitude))
+    return dora_weight(w, delta, magnitude, axis, multiplier) - w
+
+
+def channel_scale(r: torch.Tensor, is_conv: bool) -> torch.Tensor:
+    """The ratio as a per-channel factor for activations: output channels of y, or input channels of x.
+
+    Linear activations are (..., features); conv activations are (B, C, H, W)."""
+    vec = r.reshape(-1)
+    return vec.view(-1, 1, 1) if is_conv else vec
+
+
+def peft_to_internal(magnitude: torch.Tensor, weight_dims: int) -> torch.Tensor:
+    """PEFT `lora_magnitude_vector` (Linear (out,), conv (1, out, 1, 1)) or ai-toolkit `magnitude` (out,)
+    -> the output-axis layout (out, 1[, 1, 1]). Both normalise per output row."""
+    out = magnitude.reshape(-1).shape[0]
+    return magnitude.reshape(out, *([1] * (weight_dims - 1)))
+
+
+def internal_to_peft(magnitude: torch.Tensor) -> torch.Tensor:
+    """Output-axis (out, 1[, 1, 1]) -> PEFT's `lora_magnitude_vector`: (out,) for Linear, (1, out, 1, 1) conv."""
+    if magnitude.dim() == 2:
+        return magnitude.reshape(-1)
+    return magnitude.reshape(1, -1, *([1] * (magnitude.dim() - 2)))
