@@ -108,3 +108,174 @@ def test_peft_layouts_map_to_the_output_axis():
     assert F_dora.peft_to_internal(conv, 4).shape == (6, 1, 1, 1)
     assert torch.equal(F_dora.internal_to_peft(F_dora.peft_to_internal(conv, 4)), conv)
     assert torch.equal(F_dora.internal_to_peft(F_dora.peft_to_internal(lin, 2)), lin)
+
+
+# ---- modules: DoRA on LoRA/LoCon, LoHa, LoKr ---------------------------------------------------
+from lorakit.adapters.functional.layer import LayerSpec  # noqa: E402
+from lorakit.adapters.modules.loha import LoHaModule, LoHaOptions  # noqa: E402
+from lorakit.adapters.modules.lokr import LoKrModule, LoKrOptions  # noqa: E402
+from lorakit.adapters.modules.lora import LoRAModule, LoRAOptions  # noqa: E402
+
+ALGOS = {"lora": (LoRAModule, LoRAOptions, {}), "locon_tucker": (LoRAModule, LoRAOptions, {"use_tucker": True}),
+         "loha": (LoHaModule, LoHaOptions, {}), "lokr": (LoKrModule, LoKrOptions, {"factor": 2})}
+MODULE_LAYERS = {"linear": lambda: torch.nn.Linear(8, 6), "conv1x1": lambda: torch.nn.Conv2d(8, 6, 1),
+                 "conv3x3_s2": lambda: torch.nn.Conv2d(8, 6, 3, stride=2, padding=1)}
+
+
+def dora_module(algo, layer_name, axis, dtype=torch.float64, seed=0, mode="auto"):
+    torch.manual_seed(seed)
+    layer = MODULE_LAYERS[layer_name]().to(dtype)
+    cls, opts, extra = ALGOS[algo]
+    options = opts(dora_wd=True, wd_on_output=axis == "output", **extra)
+    module = cls.create(LayerSpec.of(layer), 2, 1.0, options, forward_mode=mode, dtype=dtype)
+    module.attach(layer)
+    x = torch.randn((4, 8) if layer_name == "linear" else (2, 8, 7, 7), dtype=dtype)
+    return module, layer, x
+
+
+def perturb(module, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in module.param_names:
+            p = getattr(module, name)
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.2 if name == "magnitude" else 0.3))
+
+
+def layer_output(layer, x, weight):
+    if isinstance(layer, torch.nn.Linear):
+        return F.linear(x, weight, layer.bias)
+    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding)
+
+
+MODULE_CASES = [(a, n) for a in ALGOS for n in MODULE_LAYERS if a != "locon_tucker" or n == "conv3x3_s2"]
+
+
+@pytest.mark.parametrize("algo,layer_name", MODULE_CASES)
+@pytest.mark.parametrize("axis", F_dora.AXES)
+def test_module_step_zero_closed_form_bypass_and_merge(algo, layer_name, axis):
+    module, layer, x = dora_module(algo, layer_name, axis)
+    w0 = layer.weight.detach().clone()
+    assert module.dora_axis == axis and "magnitude" in dict(module.named_parameters())
+    assert torch.equal(module(x), layer_output(layer, x, w0))  # step 0 = base, bit for bit
+    perturb(module)
+    expected = layer_output(layer, x, closed_form_weight(w0, module.delta_weight().detach(), module.magnitude, axis))
+    merged_path = module(x)
+    assert torch.allclose(merged_path, expected, atol=1e-10)
+    if module.bypass_flops(1) is not None:
+        module.forward_mode = "bypass"
+        assert torch.allclose(module(x), merged_path, atol=1e-10)
+        module.multiplier = 0.4
+        bypass_half = module(x)
+        module.forward_mode = "merged"
+        assert torch.allclose(module(x), bypass_half, atol=1e-10)
+        module.multiplier = 1.0
+    module.merge()
+    assert torch.allclose(layer(x), merged_path, atol=1e-10)
+    module.unmerge()
+    assert torch.equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("axis", F_dora.AXES)
+def test_module_bf16_layer_and_magnitude_trains(algo, axis):
+    module, layer, x = dora_module(algo, "conv3x3_s2", axis, dtype=torch.float32)
+    layer.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(module(xb), layer_output(layer, xb, layer.weight))  # step 0 = base in bf16 too
+    perturb(module)
+    w64 = layer.weight.double()
+    expected = layer_output(layer.double(), x.to(torch.bfloat16).double(),
+                            closed_form_weight(w64, module.delta_weight().detach(), module.magnitude, axis))
+    layer.to(torch.bfloat16)
+    out = module(xb)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.double(), expected, atol=0.05, rtol=0.02)
+    out.float().square().mean().backward()
+    assert module.magnitude.grad is not None and float(module.magnitude.grad.abs().sum()) > 0
+
+
+# ---- networks and files --------------------------------------------------------------------------
+import json  # noqa: E402
+
+from conftest import unet_inputs  # noqa: E402
+from lorakit.formats.files import load_network_file, save_network  # noqa: E402
+from lorakit.formats.safetensors_io import read_safetensors, write_safetensors  # noqa: E402
+from lorakit.models.configs import build_unet  # noqa: E402
+from lorakit.surgery.config import NetworkConfig  # noqa: E402
+from lorakit.surgery.network import create_network  # noqa: E402
+
+
+def randomize_dora(network, seed=0):
+    """Non-zero factors and magnitudes 0.7x-1.3x the step-0 value (a trained DoRA, not a degenerate one)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if name.endswith("magnitude"):
+                p.mul_(0.7 + 0.6 * torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def unet_out(unet, inputs):
+    x, t, ctx, _ = inputs
+    with torch.no_grad():
+        return unet(x, t, ctx).sample
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("wd_on_output", [False, True])
+def test_network_step_zero_save_load_and_args(tmp_path, algo, wd_on_output):
+    unet = build_unet("tiny-sd1")
+    inputs = unet_inputs(unet)
+    base = unet_out(unet, inputs)
+    config = NetworkConfig(algo=algo, network_dim=4, network_alpha=2, conv_dim=4, conv_alpha=2, dora_wd=True,
+                           wd_on_output=wd_on_output, **({"factor": 4} if algo == "lokr" else {}))
+    net = create_network(unet, [], config, seed=0)
+    assert torch.equal(unet_out(unet, inputs), base)  # step 0 = base exactly
+    randomize_dora(net)
+    ours = unet_out(unet, inputs)
+    assert not torch.allclose(ours, base, atol=1e-3)
+    path = save_network(net, tmp_path / "dora.safetensors")
+    tensors, meta = read_safetensors(path)
+    scales = {k: v for k, v in tensors.items() if k.endswith(".dora_scale")}
+    assert len(scales) == len(net.adapters)
+    for key, m in scales.items():
+        assert (m.shape[0] != 1 or m.shape[1] == 1) if wd_on_output else m.shape[0] == 1
+    args = json.loads(meta["ss_network_args"])
+    assert args["dora_wd"] == "True" and args["wd_on_output"] == str(wd_on_output)
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    net.restore()
+    assert torch.equal(unet_out(unet, inputs), base)
+    loaded, _ = load_network_file(path, unet)
+    assert all(a.dora_axis == ("output" if wd_on_output else "input") for a in loaded.adapters.values())
+    assert torch.allclose(unet_out(unet, inputs), ours, atol=1e-5)
+    loaded.merge()
+    assert torch.allclose(unet_out(unet, inputs), ours, atol=1e-4)
+
+
+def test_peft_and_ai_toolkit_magnitudes_load_as_the_output_axis(tmp_path):
+    """The same trained output-axis DoRA written with PEFT's and ai-toolkit's magnitude keys and shapes."""
+    unet = build_unet("tiny-sd1")
+    inputs = unet_inputs(unet)
+    net = create_network(unet, [], NetworkConfig(network_dim=4, network_alpha=4, conv_dim=4, conv_alpha=4,
+                                                 dora_wd=True, wd_on_output=True), seed=0)
+    randomize_dora(net)
+    ours = unet_out(unet, inputs)
+    path = save_network(net, tmp_path / "lycoris.safetensors")
+    net.restore()
+    tensors, _ = read_safetensors(path)
+    for writer, key in (("peft", "lora_magnitude_vector"), ("diffusers", "lora_magnitude_vector.weight"),
+                        ("ai-toolkit", "magnitude")):
+        renamed = {}
+        for k, v in tensors.items():
+            if k.endswith(".dora_scale"):
+                peft = v.reshape(-1) if v.dim() == 2 or writer == "ai-toolkit" else v.reshape(1, -1, 1, 1)
+                renamed[k.replace("dora_scale", key)] = peft
+            else:
+                renamed[k] = v
+        other = tmp_path / f"{writer}.safetensors"
+        write_safetensors(other, renamed, {})
+        loaded, _ = load_network_file(other, unet)
+        assert all(a.dora_axis == "output" for a in loaded.adapters.values())
+        assert torch.allclose(unet_out(unet, inputs), ours, atol=1e-5), writer
+        loaded.restore()

@@ -91,8 +91,12 @@ def test_lycoris_network_args_reach_typed_fields():
     assert (cfg.algo, cfg.lycoris_preset, cfg.use_tucker, cfg.factor, cfg.decompose_both) == \
         ("lokr", "attn-mlp", True, 8, True)
     assert any("bypass_mode" in n for n in cfg.notes)
-    with pytest.raises(ConfigError, match="DoRA is not supported yet"):
-        build_config({"network_args": ["dora_wd=True"]})
+    dora = build_config({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "dora_wd=True",
+                                                                             "wd_on_output=True"]})
+    assert (dora.dora_wd, dora.wd_on_output) == (True, True)
+    assert build_config({"network_args": ["weight_decompose=True"]}).dora_wd  # LyCORIS's old name
+    with pytest.raises(ConfigError, match="DoRA's forward"):
+        build_config({"network_args": ["dora_wd=True", "dropout=0.1"]})
 
 
 def test_presets_carry_the_brief_values_and_a_reason():

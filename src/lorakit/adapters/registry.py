@@ -48,7 +48,8 @@ def algorithms() -> list[Algorithm]:
 
 
 def detect_algorithm(suffixes: set[str]) -> Algorithm | None:
-    """The algorithm whose file keys explain every suffix of one module (alpha/dora_scale aside)."""
+    """The algorithm whose file keys explain every suffix of one module (alpha aside; every algorithm takes
+    DoRA's dora_scale)."""
     rest = suffixes - {"alpha"}
     for algo in _REGISTRY.values():
         known = set(algo.file_keys.values())
@@ -59,17 +60,18 @@ def detect_algorithm(suffixes: set[str]) -> Algorithm | None:
 
 register(Algorithm(
     "lora", LoRAModule, LoRAOptions,
-    {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight"},
+    {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight", "magnitude": "dora_scale"},
     (("down", "up"),),
     "LoRA on Linear/1x1 conv, LoCon on kxk conv: ΔW = (alpha/r)·up@down"))
 register(Algorithm(
     "loha", LoHaModule, LoHaOptions,
-    {"w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b", "t1": "hada_t1", "t2": "hada_t2"},
+    {"w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b", "t1": "hada_t1", "t2": "hada_t2",
+     "magnitude": "dora_scale"},
     (("w1a", "w1b", "w2a", "w2b"),),
     "LoHa: ΔW = (alpha/r)·(w1a@w1b)⊙(w2a@w2b), rank up to r²"))
 register(Algorithm(
     "lokr", LoKrModule, LoKrOptions,
     {"w1": "lokr_w1", "w1a": "lokr_w1_a", "w1b": "lokr_w1_b",
-     "w2": "lokr_w2", "w2a": "lokr_w2_a", "w2b": "lokr_w2_b", "t2": "lokr_t2"},
+     "w2": "lokr_w2", "w2a": "lokr_w2_a", "w2b": "lokr_w2_b", "t2": "lokr_t2", "magnitude": "dora_scale"},
     (("w1", "w2"), ("w1", "w2a", "w2b"), ("w1a", "w1b", "w2"), ("w1a", "w1b", "w2a", "w2b")),
     "LoKr: ΔW = scale·kron(W1, W2); scale 1 when both factors are full"))

@@ -122,6 +122,8 @@ def adapter_from_tensors(path, parsed: ModuleTensors, spec: LayerSpec, dtype: to
 
 
 def _fit_layout(internal: str, t: torch.Tensor, spec: LayerSpec, algo: str) -> torch.Tensor:
+    if internal == "magnitude" and t.dim() != len(spec.weight_shape):  # DoRA on a 1x1 conv saved 2-D, or back
+        return t.reshape(*t.shape[:2], 1, 1) if spec.is_conv else t.reshape(t.shape[:2])
     if algo == "lora" and internal in ("down", "up"):
         if spec.is_conv and t.dim() == 2:  # 2-D weights on a 1x1 conv (or a DyLoRA 2-D up)
             return t[:, :, None, None]

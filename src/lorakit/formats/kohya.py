@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.adapters.functional import dora as F_dora
 from lorakit.adapters.registry import Algorithm, algorithms, detect_algorithm
 from lorakit.surgery.blocks import family_of_kohya_names
 
@@ -31,6 +32,15 @@ class ModuleTensors:
     algo: Algorithm
     weights: dict[str, torch.Tensor]
     alpha: float | None
+    dora_source: str | None = None  # the key DoRA's magnitude came from: dora_scale, lora_magnitude_vector, magnitude
+
+    @property
+    def dora_axis(self) -> str | None:
+        """'output' or 'input' for a DoRA module (from the stored layout, see functional.dora), else None."""
+        m = self.weights.get("magnitude")
+        if m is None:
+            return None
+        return "input" if m.dim() >= 2 and m.shape[1] != 1 else "output"  # (1, 1): one norm either way
 
 
 def module_to_tensors(name: str, algo: Algorithm, weights: dict[str, torch.Tensor], alpha: float,
@@ -60,11 +70,31 @@ class KeyProblem(ValueError):
         super().__init__(message)
 
 
+# DoRA magnitudes that are not LyCORIS's dora_scale; both are per output row (1-D, or PEFT conv (1, out, 1, 1))
+FOREIGN_MAGNITUDES = ("lora_magnitude_vector", "lora_magnitude_vector.weight", "magnitude")
+
+
+def _dora_source(name: str, suffixed: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """PEFT's `lora_magnitude_vector` and ai-toolkit's `magnitude` -> `dora_scale` in the output-axis layout
+    (out, 1[, 1, 1]); LyCORIS/OneTrainer `dora_scale` is kept as stored (its shape tells the axis)."""
+    found = [k for k in ("dora_scale", *FOREIGN_MAGNITUDES) if k in suffixed]
+    if len(found) > 1:
+        raise KeyProblem(f"{name}.{found[1]}", f"two DoRA magnitudes ({', '.join(found)}); keep one")
+    if not found or found[0] == "dora_scale":
+        return suffixed, found[0] if found else None
+    key = found[0]
+    m = suffixed[key]
+    conv = any(t.dim() == 4 for k, t in suffixed.items() if k != key)
+    if m.dim() not in (1, 4) or (m.dim() == 4 and (m.shape[0] != 1 or m.shape[2:] != (1, 1))):
+        raise KeyProblem(f"{name}.{key}", f"{key} of shape {list(m.shape)}: expected (out,) or (1, out, 1, 1)")
+    rest = {k: v for k, v in suffixed.items() if k != key}
+    rest["dora_scale"] = F_dora.peft_to_internal(m, 4 if conv else 2)
+    return rest, key.removesuffix(".weight")
+
+
 def parse_module(name: str, suffixed: dict[str, torch.Tensor]) -> ModuleTensors:
     """File tensors of one module -> ModuleTensors, with the algorithm detected from the key names."""
-    if "dora_scale" in suffixed:
-        raise KeyProblem(f"{name}.dora_scale", "DoRA (dora_scale) files are not supported yet; its layout differs "
-                                                "between LyCORIS versions and consumers")
+    suffixed, dora_source = _dora_source(name, suffixed)
     algo = detect_algorithm(set(suffixed))
     if algo is None:
         known = sorted({s for a in algorithms() for s in a.file_keys.values()})
@@ -86,13 +116,13 @@ def parse_module(name: str, suffixed: dict[str, torch.Tensor]) -> ModuleTensors:
         alpha = float(a.float().reshape(()))
         if not torch.isfinite(torch.tensor(alpha)):
             raise KeyProblem(f"{name}.alpha", "alpha is not finite")
-    return ModuleTensors(name, algo, weights, alpha)
+    return ModuleTensors(name, algo, weights, alpha, dora_source)
 
 
 def build_metadata(family: str, network_dim: int | str, network_alpha: float | str, network_args: dict,
                    title: str, algo: str, v_prediction: bool = False, extra: dict[str, str] | None = None) -> dict:
     """ss_* (kohya) and modelspec.* (SAI ModelSpec 1.0.1) keys; every value a string."""
-    lycoris_only = ("use_tucker", "preset", "use_scalar", "rank_dropout_scale")  # args networks.lora lacks
+    lycoris_only = ("use_tucker", "preset", "use_scalar", "rank_dropout_scale", "dora_wd")  # networks.lora lacks them
     plain_lora = algo == "lora" and not any(network_args.get(k) for k in lycoris_only)
     version = BASE_MODEL_VERSION[family] + ("_v" if v_prediction and family != "sdxl" else "")
     arch = "stable-diffusion-v2-768-v/lora" if v_prediction and family == "sd2" else ARCHITECTURE[family]

@@ -63,6 +63,10 @@ class NetworkConfig:
     full_matrix: bool = opt(False, "LoKr: full W2 (scale 1, alpha ignored)")
     unbalanced_factorization: bool = opt(False, "LoKr: swap the two factors (the larger one in W1)")
     train_norm: bool = opt(False, "LyCORIS: also train the norm layers' weight and bias (not supported yet)")
+    dora_wd: bool = opt(False, "DoRA (LyCORIS dora_wd; old name weight_decompose): W' = m·(W+ΔW)/‖W+ΔW‖ with a "
+                               "trained magnitude m, on LoRA/LoCon, LoHa and LoKr")
+    wd_on_output: bool = opt(False, "DoRA norm per output row (LyCORIS >= 3.2's default). Off: per input column, "
+                                    "the layout A1111, ComfyUI and Forge all compute exactly")
     loraplus_lr_ratio: float | None = opt(None, "LoRA+: LoRA/LoCon up matrices train at this multiple of the LR",
                                           lo=0.0, hi=1e6)
     loraplus_unet_lr_ratio: float | None = opt(None, "LoRA+ ratio for the U-Net only", lo=0.0, hi=1e6)
@@ -105,6 +109,9 @@ class NetworkConfig:
         out.extend(self._lr_weight_problems())
         if self.train_norm:
             out.append(TRAIN_NORM_REFUSAL)
+        if self.dora_wd and self.dropout > 0:
+            out.append("network_dropout acts on LoRA rank activations, which DoRA's forward (one weight W') does not "
+                       "form (LyCORIS ignores it); use rank_dropout/module_dropout with dora_wd")
         return out
 
     def _lr_weight_problems(self) -> list[str]:
@@ -134,6 +141,8 @@ class NetworkConfig:
         if self.block_lr_zero_threshold and all(getattr(self, n) is None for n in
                                                 ("down_lr_weight", "mid_lr_weight", "up_lr_weight")):
             out.append("block_lr_zero_threshold has no effect without down_lr_weight / mid_lr_weight / up_lr_weight")
+        if self.wd_on_output and not self.dora_wd:
+            out.append("wd_on_output has no effect without dora_wd (it sets the DoRA norm's axis)")
         plus = [n for n in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
                 if getattr(self, n) is not None]
         if plus and get_algorithm(self.algo).name != "lora":
@@ -233,5 +242,7 @@ class NetworkConfig:
                      "rank_dropout_scale"):
             if getattr(self, name):
                 args[name] = "True"
+        if self.dora_wd:  # wd_on_output always written: LyCORIS reads a missing one as True (output axis)
+            args["dora_wd"], args["wd_on_output"] = "True", str(self.wd_on_output)
         args["dropout"] = str(self.dropout) if self.dropout else None
         return args

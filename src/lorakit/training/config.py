@@ -53,13 +53,11 @@ HINTS = {key: (_TRAIN_HINTS if owner == "train" else _NETWORK_HINTS)[name] for k
 NETWORK_ARG_KEYS = {(_FIELDS_BY_OWNER["network"][name].metadata.get("arg") or name): key
                     for key, (owner, name) in KEYS.items() if owner == "network"}
 NETWORK_ARG_KEYS["use_cp"] = "use_tucker"  # LyCORIS's older name
+NETWORK_ARG_KEYS["weight_decompose"] = "dora_wd"  # LyCORIS's older name for DoRA
 NETWORK_ARGS_WITHOUT_EFFECT = {  # LyCORIS/kohya network_args accepted with a note
     "bypass_mode": "lorakit picks the cheaper exact path (bypass or merged) per layer by itself",
 }
 NETWORK_ARGS_REFUSED = {  # LyCORIS/kohya network_args lorakit cannot honour yet, with what to do instead
-    "dora_wd": "DoRA is not supported yet (its own issue); remove dora_wd to train plain LoRA/LoCon/LoHa/LoKr",
-    "wd_on_output": "belongs to DoRA (dora_wd), which is not supported yet; remove it",
-    "weight_decompose": "DoRA (LyCORIS's old name for dora_wd) is not supported yet; remove it",
     "constrain": "is an OFT/BOFT option; lorakit trains LoRA/LoCon/LoHa/LoKr",
     "rescaled": "is an OFT/BOFT option; lorakit trains LoRA/LoCon/LoHa/LoKr",
     "train_norm": "LyCORIS's norm-layer training (w_norm/b_norm) is not supported yet: lorakit's adapters, merge "

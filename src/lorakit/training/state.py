@@ -27,7 +27,8 @@ SHAPE_KEYS = ("algo", "network_dim", "network_alpha", "conv_dim", "conv_alpha", 
               "network_module", "lycoris_preset", "use_tucker", "use_scalar", "factor", "decompose_both",
               "full_matrix", "unbalanced_factorization", "train_norm", "block_lr_weights", "down_lr_weight",
               "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
-              "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "dim_from_weights")
+              "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "dim_from_weights",
+              "dora_wd", "wd_on_output")
 
 
 class ResumeError(ValueError):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lorakit.adapters.functional.layer import LayerSpec, effective_alpha, scale_of
+from lorakit.adapters.modules import dora
 
 FORWARD_MODES = ("auto", "bypass", "merged")
 
@@ -61,6 +62,10 @@ class AdapterModule(nn.Module):
         for name, tensor in weights.items():
             self.register_parameter(name, nn.Parameter(tensor))
         self.param_names = tuple(weights)
+        self.dora_axis = dora.axis_of(spec, weights)  # 'output' / 'input' with a DoRA magnitude, else None
+        self._magnitude_pending = False  # a created (not loaded) magnitude becomes ‖W‖ on attach
+        if self.dora_axis is not None:
+            self.dropout_path = "merged"  # the norm needs the whole ΔW: masks act on its output rows
         rank = self.rank
         alpha = effective_alpha(alpha, rank)  # stored as kohya does: alpha unset or 0 becomes the rank
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
@@ -92,6 +97,8 @@ class AdapterModule(nn.Module):
         return None
 
     def bypass_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dora_axis is not None:
+            return dora.bypass_forward(self, x)
         delta = self.bypass_delta(x)
         y = self._base(x)
         return y + delta if self.multiplier == 1.0 else y + delta * self.multiplier
@@ -155,6 +162,9 @@ class AdapterModule(nn.Module):
             raise RuntimeError(f"{type(layer).__name__} layer already has its forward replaced (by {owner}); "
                                "restore that adapter first")
         self._layer = [layer]
+        if self._magnitude_pending:
+            dora.init_from_layer(self, layer.weight)
+            self._magnitude_pending = False
         layer.forward = self.forward
 
     def detach(self) -> None:
@@ -178,6 +188,9 @@ class AdapterModule(nn.Module):
         if self._mode_for(x) == "bypass":
             return self.bypass_forward(x)
         weight = self.layer.weight
+        if self.dora_axis is not None:  # W' built once per call from the weight, never per token
+            return self._base(x, dora.applied_weight(self, weight, self.training_delta_weight(),
+                                                     self.multiplier).to(weight.dtype))
         dw = self.training_delta_weight().to(weight.dtype)
         return self._base(x, weight + dw * self.multiplier)
 
@@ -209,6 +222,8 @@ class AdapterModule(nn.Module):
         bypass: base conv (fwd + grad-input) + adapter path (3x its forward: fwd, grad-input, grad-weight)
         merged: base conv with W+ΔW (fwd + grad-input + grad-weight for ΔW) + building ΔW (3x in training)
         """
+        if self.dora_axis is not None:
+            return "merged"  # the norm needs the dense ΔW anyway: one conv with W' is the cheaper path
         positions = self._output_positions(x)
         adapter = self.bypass_cost(positions)
         if adapter is None:
@@ -237,10 +252,13 @@ class AdapterModule(nn.Module):
         if self._merged:
             return
         weight = self.layer.weight
-        if weight.dtype not in (torch.float32, torch.float64):
-            self._backup = weight.detach().clone()  # low precision: W + ΔW - ΔW would not round-trip
+        if weight.dtype not in (torch.float32, torch.float64) or self.dora_axis is not None:
+            self._backup = weight.detach().clone()  # DoRA: W' depends on W, so W is not recoverable from W'  # low precision: W + ΔW - ΔW would not round-trip
         dw = self.delta_weight().to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
-        weight.copy_((weight.to(dw.dtype) + dw * self.multiplier).to(weight.dtype))
+        if self.dora_axis is not None:
+            weight.copy_(dora.applied_weight(self, weight, dw, self.multiplier).to(weight.dtype))
+        else:
+            weight.copy_((weight.to(dw.dtype) + dw * self.multiplier).to(weight.dtype))
         self._merged = True
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ import torch
 from lorakit.adapters.functional import loha as F_loha
 from lorakit.adapters.functional import lora as F_lora
 from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.modules import dora
 from lorakit.adapters.modules.base import AdapterModule, Dropouts
 
 
@@ -16,6 +17,8 @@ from lorakit.adapters.modules.base import AdapterModule, Dropouts
 class LoHaOptions:
     use_tucker: bool = False  # `hada_t1/t2` cores for kxk convs
     use_scalar: bool = False  # LyCORIS: trained scalar from 0, w2a starts random (folded into hada_w1_a in files)
+    dora_wd: bool = False  # DoRA: W' = m ⊙ (W + ΔW)/‖W + ΔW‖ with a trained magnitude m (`dora_scale` in files)
+    wd_on_output: bool = False  # DoRA norm per output row (LyCORIS >= 3.2); default per input column (A1111/ComfyUI)
 
 
 class LoHaModule(AdapterModule):
@@ -29,7 +32,10 @@ class LoHaModule(AdapterModule):
         if dropouts.dropout > 0.0:
             raise ValueError("dropout acts on LoRA rank activations; LoHa has none (use rank_dropout/module_dropout)")
         weights = F_loha.init_weights(spec, rank, options.use_tucker, dtype, device, generator, options.use_scalar)
+        if options.dora_wd:
+            weights[dora.MAGNITUDE] = dora.placeholder(spec, options.wd_on_output, dtype, device)
         module = cls(spec, weights, alpha, dropouts, forward_mode)
+        module._magnitude_pending = options.dora_wd
         if options.use_scalar:
             module.add_scalar()
         return module

@@ -8,6 +8,7 @@ import torch
 
 from lorakit.adapters.functional import lokr as F_lokr
 from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.modules import dora
 from lorakit.adapters.modules.base import AdapterModule, Dropouts
 
 
@@ -19,6 +20,8 @@ class LoKrOptions:
     full_matrix: bool = False  # W2 as a full matrix: scale 1, alpha ignored
     use_scalar: bool = False  # LyCORIS: trained scalar from 0, W2 starts random (folded into lokr_w1(_a) in files)
     unbalanced_factorization: bool = False  # LyCORIS: the larger factor of the output size goes to W1
+    dora_wd: bool = False  # DoRA: W' = m ⊙ (W + ΔW)/‖W + ΔW‖ with a trained magnitude m (`dora_scale` in files)
+    wd_on_output: bool = False  # DoRA norm per output row (LyCORIS >= 3.2); default per input column (A1111/ComfyUI)
 
 
 def full_w1_numel(weights: dict[str, torch.Tensor]) -> int:
@@ -40,7 +43,10 @@ class LoKrModule(AdapterModule):
         weights = F_lokr.init_weights(spec, rank, options.factor, options.decompose_both, options.use_tucker,
                                       options.full_matrix, dtype, device, generator, options.use_scalar,
                                       options.unbalanced_factorization)
+        if options.dora_wd:
+            weights[dora.MAGNITUDE] = dora.placeholder(spec, options.wd_on_output, dtype, device)
         module = cls(spec, weights, alpha if F_lokr.is_factorised(weights) else None, dropouts, forward_mode)
+        module._magnitude_pending = options.dora_wd
         if not F_lokr.is_factorised(weights):
             module.alpha.fill_(float(rank))  # both sides full: consumers use scale 1; store alpha = dim like LyCORIS
         if options.use_scalar:

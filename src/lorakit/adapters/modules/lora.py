@@ -7,6 +7,7 @@ import torch
 
 from lorakit.adapters.functional import lora as F_lora
 from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.modules import dora
 from lorakit.adapters.modules.base import AdapterModule, Dropouts
 
 
@@ -14,6 +15,8 @@ from lorakit.adapters.modules.base import AdapterModule, Dropouts
 class LoRAOptions:
     use_tucker: bool = False  # kxk convs as down 1x1 -> mid kxk -> up 1x1 (`lora_mid`); diffusers cannot load it
     use_scalar: bool = False  # LyCORIS: trained scalar from 0, `up` starts random (folded into lora_up in files)
+    dora_wd: bool = False  # DoRA: W' = m ⊙ (W + ΔW)/‖W + ΔW‖ with a trained magnitude m (`dora_scale` in files)
+    wd_on_output: bool = False  # DoRA norm per output row (LyCORIS >= 3.2); default per input column (A1111/ComfyUI)
 
 
 class LoRAModule(AdapterModule):
@@ -25,8 +28,14 @@ class LoRAModule(AdapterModule):
     def create(cls, spec: LayerSpec, rank: int, alpha: float | None, options: LoRAOptions = LoRAOptions(),
                dropouts: Dropouts = Dropouts(), forward_mode: str = "auto", dtype=None, device=None,
                generator: torch.Generator | None = None) -> "LoRAModule":
+        if options.dora_wd and dropouts.dropout > 0.0:
+            raise ValueError("dropout acts on LoRA rank activations, which DoRA's merged forward does not form "
+                             "(LyCORIS ignores it); use rank_dropout/module_dropout with dora_wd")
         weights = F_lora.init_weights(spec, rank, options.use_tucker, dtype, device, generator, options.use_scalar)
+        if options.dora_wd:
+            weights[dora.MAGNITUDE] = dora.placeholder(spec, options.wd_on_output, dtype, device)
         module = cls(spec, weights, alpha, dropouts, forward_mode)
+        module._magnitude_pending = options.dora_wd
         if options.use_scalar:
             module.add_scalar()
         return module
@@ -54,7 +63,7 @@ class LoRAModule(AdapterModule):
         # the fused node gives no gradient to the layer's own weight/bias and does not autocast
         plain = (not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
                  and layer.weight.dtype == dt and not torch.is_autocast_enabled(x.device.type))
-        if self.spec.is_conv or dropping or not plain:
+        if self.spec.is_conv or dropping or not plain or self.dora_axis is not None:
             return super().bypass_forward(x)
         return F_lora.fused_linear(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt),
                                    self.scale * self.multiplier)

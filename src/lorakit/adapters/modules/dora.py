@@ -1,0 +1,69 @@
+"""DoRA on any adapter module (LoRA/LoCon, LoHa, LoKr): the trained magnitude and the DoRA forwards.
+
+A DoRA module is an ordinary module whose weights include `magnitude`, stored in the file layout of
+functional.dora ((out, 1[, 1, 1]) output axis, (1, in[, 1, 1]) input axis), so its shape says the axis.
+A freshly created magnitude is a placeholder until the module is attached: then it becomes ‖W‖ of the
+layer it adapts, which makes step 0 the base model exactly. Files loaded onto a module carry their own.
+
+These functions take the module (not imported here: base.py imports this file).
+"""
+from __future__ import annotations
+
+import torch
+
+from lorakit.adapters.functional import dora as F_dora
+from lorakit.adapters.functional.layer import LayerSpec
+
+MAGNITUDE = "magnitude"
+
+
+def placeholder(spec: LayerSpec, wd_on_output: bool, dtype=None, device=None) -> torch.Tensor:
+    """The magnitude before the module sees its layer (ones; set to ‖W‖ on attach)."""
+    axis = "output" if wd_on_output else "input"
+    return torch.ones(F_dora.magnitude_shape(spec.weight_shape, axis), dtype=dtype, device=device)
+
+
+def axis_of(spec: LayerSpec, weights: dict[str, torch.Tensor]) -> str | None:
+    """'output' / 'input' for a DoRA module, None without a magnitude; a misfit shape is an error."""
+    magnitude = weights.get(MAGNITUDE)
+    if magnitude is None:
+        return None
+    axis = F_dora.axis_of(tuple(magnitude.shape), spec.weight_shape)
+    if axis is None:
+        raise ValueError(f"DoRA magnitude {list(magnitude.shape)} fits neither axis of weight "
+                         f"{list(spec.weight_shape)}: expected {list(F_dora.magnitude_shape(spec.weight_shape, 'output'))}"
+                         f" (output) or {list(F_dora.magnitude_shape(spec.weight_shape, 'input'))} (input)")
+    return axis
+
+
+@torch.no_grad()
+def init_from_layer(module, weight: torch.Tensor) -> None:
+    """m = ‖W‖ on the module's axis (so W' = W until training moves ΔW or m)."""
+    module.magnitude.copy_(F_dora.init_magnitude(weight, module.dora_axis, module.magnitude.dtype))
+
+
+def applied_weight(module, weight: torch.Tensor, delta: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """W + μ·(W' − W) in at least float32: the weight the merged forward, merge and merge tools use."""
+    return F_dora.dora_weight(weight, delta, module.magnitude, module.dora_axis, multiplier)
+
+
+def bypass_forward(module, x: torch.Tensor) -> torch.Tensor:
+    """The layer output without building W' (exact): the ratio r = m/‖W + ΔW‖ per channel scales
+    the output (output axis: W'x = r ⊙ (Wx + ΔWx)) or the input (input axis: W'x = (W + ΔW)(r ⊙ x)).
+    ΔW is still built once for the norm; the point is a base weight that is never rewritten."""
+    layer, spec = module.layer, module.spec
+    weight = layer.weight
+    r = F_dora.ratio(weight, module.delta_weight(), module.magnitude, module.dora_axis)
+    scale = F_dora.channel_scale(r, spec.is_conv).to(x.dtype)
+    w = weight if weight.dtype == x.dtype or weight.element_size() > 1 else weight.to(x.dtype)
+    if module.dora_axis == "output":
+        y = (spec.apply(x, w) + module.bypass_delta(x)) * scale
+    else:
+        xs = x * scale
+        y = spec.apply(xs, w) + module.bypass_delta(xs)
+    if layer.bias is not None:
+        y = y + (layer.bias.view(-1, 1, 1) if spec.is_conv else layer.bias)
+    if module.multiplier != 1.0:
+        base = module._base(x)
+        y = base + module.multiplier * (y - base)
+    return y
