@@ -67,7 +67,7 @@ CONFIG_CASES = [
     Case("scheduler typo", lambda t: train(t, 'lr_scheduler = "cosin"\n'), ["did you mean 'cosine'"]),
     Case("optimizer unknown", lambda t: train(t, 'optimizer_type = "DAdaptAdam"\n'), ["optimizer_type = 'DAdaptAdam' is not one of"]),
     Case("pickle output", lambda t: train(t, 'save_model_as = "ckpt"\n'), ["save_model_as = 'ckpt'", "pickles"]),
-    Case("fp8 refused", lambda t: train(t, "fp8_base = true\n"), ["fp8_base is not supported"]),
+    Case("deepspeed refused", lambda t: train(t, "deepspeed = true\n"), ["deepspeed is not supported"]),
     Case("network_args not k=v", lambda t: train(t, 'network_args = ["conv_dim"]\n'), ["not key=value"]),
     Case("network_args typo", lambda t: train(t, 'network_args = ["conv_dimm=4"]\n'), ["did you mean 'conv_dim'"]),
     Case("network_args dora dropout", lambda t: train(t, 'network_args = ["dora_wd=True", "dropout=0.1"]\n'),
@@ -207,3 +207,33 @@ def test_grid_output_folder_that_is_a_file_fails_before_the_model_loads(tmp_path
     assert main(["grid", "--prompt", "a red circle", "--x", "seed=1,2", "--out", str(tmp_path / "g")]) == 2
     assert "the grid's output folder is a file" in capsys.readouterr().err
     assert (tmp_path / "g").read_text() == "keep"
+
+
+def test_no_cli_command_prints_a_traceback_on_bad_input(tmp_path):
+    """Every subcommand's error path, in a real process: one `lorakit <cmd>: error:` line, never a traceback."""
+    import subprocess
+    import sys
+
+    missing, text = tmp_path / "missing.safetensors", _text_file(tmp_path, "x.json", "{broken")
+    commands = [
+        ["inspect", missing], ["train", _text_file(tmp_path, "t.toml", "netwrok_dim = 3\n")],
+        ["check-dataset", tmp_path / "nodata"], ["grid", "--prompt", "p", "--x", "seed=1", "--out", text],
+        ["sweep", "--axis", "nokey=1,2", "--prompt", "p"],
+        ["report", tmp_path / "norun", "--prompt", "p", "--data", tmp_path / "nodata"],
+        ["resize", missing, tmp_path / "o.safetensors", "--rank", "2"],
+        ["extract", missing, missing, tmp_path / "e.safetensors"],
+        ["merge", missing, "-o", tmp_path / "m.safetensors"], ["blocks", missing, tmp_path / "b.safetensors",
+                                                               "--weights", "ALL"],
+        ["convert", missing, tmp_path / "c.safetensors"], ["import-config", text, "-o", tmp_path / "i.toml"],
+        ["demo", "--output", text],
+    ]
+    script = ("import sys\nfrom lorakit.cli import main\nfor argv in sys.argv[1].split('\\x1f'):\n"
+              "    rc = main(argv.split('\\x1e'))\n    print('rc', rc, flush=True)\n    assert rc != 0, argv\n")
+    joined = "\x1f".join("\x1e".join(map(str, c)) for c in commands)
+    done = subprocess.run([sys.executable, "-c", script, joined], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if ": error:" in line]
+    assert len(errors) == len(commands), done.stderr
+    assert all(line.startswith(f"lorakit {c[0]}: error:") for line, c in zip(errors, commands)), errors

@@ -120,6 +120,6 @@ def test_style_preset_estimate_training_and_toml_in_chromium(gui, tmp_path):
     assert saved == expected
     assert (tmp_path / "run-prompts.txt").read_text().strip() == PROMPT
     ran = load_config(tmp_path / "out" / "gui.toml")  # the file the Start button ran
-    assert ran == build_config({**expected.__dict__, "sample_prompts": str(tmp_path / "out" / "gui-prompts.txt")})
+    assert ran == build_config({**expected.settings(), "sample_prompts": str(tmp_path / "out" / "gui-prompts.txt")})
     assert sorted(p.name for p in (tmp_path / "out" / "sample").glob("*.png")) == [
         "gui_e000001_00_1.png", "gui_e000002_00_1.png"]

@@ -201,8 +201,9 @@ def test_per_sample_loss_follows_process_batch_order():
     ac, t, gamma = obj.sd_alphas_cumprod(), torch.tensor([0, 400, 999]), 5.0
     zt = nz.zero_terminal_snr(ac)  # noising schedule (Huber threshold) differs from the SNR-weight schedule
     cfg = build_config({"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.2, "min_snr_gamma": gamma,
-                        "scale_v_pred_loss_like_noise_pred": True, "v_pred_like_loss": 0.5,
+                        "scale_v_pred_loss_like_noise_pred": True, "v_parameterization": True,
                         "debiased_estimation_loss": True})
+    cfg.v_pred_like_loss = 0.5  # the config refuses it beside v_parameterization; set here to check every step's place
     got = per_sample_loss(cfg, pred, tgt, t, zt, ac, True, weights=w, masks=mask)
     a = zt[t].double()
     c = ((1 - 0.2) / (1 + ((1 - a) / a) ** 0.5) ** 2 + 0.2).view(-1, 1, 1, 1)

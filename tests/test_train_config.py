@@ -132,7 +132,7 @@ def test_every_kohya_key_has_its_status_honoured_by_the_schema():
 @pytest.mark.parametrize("key,value,outcome", [
     ("xformers", True, "note"), ("max_data_loader_n_workers", 8, "note"), ("cache_latents", True, "note"),
     ("save_model_as", "safetensors", "ok"), ("save_model_as", "ckpt", "never writes pickles"),
-    ("fp8_base", True, "not supported"), ("debug_dataset", False, "note"), ("use_8bit_adam", True, "AdamW8bit"),
+    ("deepspeed", True, "not supported"), ("debug_dataset", False, "note"), ("use_8bit_adam", True, "AdamW8bit"),
 ])
 def test_kohya_keys_by_status(key, value, outcome):
     if outcome in ("note", "ok"):
@@ -141,3 +141,9 @@ def test_kohya_keys_by_status(key, value, outcome):
     else:
         with pytest.raises(ConfigError, match=outcome):
             build_config({key: value})
+
+
+def test_use_cp_decides_over_use_tucker_in_any_order():
+    """kohya_ss writes both; LyCORIS reads use_cp, so a Tucker switch left on alone does nothing there."""
+    for args in (["use_cp=False", "use_tucker=True"], ["use_tucker=True", "use_cp=False"]):
+        assert build_config({"network_args": ["algo=lokr", *args]}).use_tucker is False

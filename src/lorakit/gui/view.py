@@ -40,6 +40,10 @@ def component(spec: FieldSpec, value, roots: Roots):
         return gr.Textbox(value=value or "", lines=3, placeholder="one prompt per line; --n --w --h --d --l --s",
                           **common)
     placeholder = "comma-separated, one value per U-Net block" if spec.kind == "list" else None
+    if spec.name == "resolution":
+        placeholder = "one side (512) or W,H (512,768)"
+    if isinstance(value, list):  # list defaults (resolution) as the comma text the form reads back
+        value = ", ".join(str(v) for v in value)
     return gr.Textbox(value="" if value is None else value, placeholder=placeholder, **common)
 
 

@@ -25,6 +25,9 @@ from lorakit.models.ldm_layout import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, to
 
 SUPPORTED = "SD1.x (LDM, CLIP-L), SD2.x (LDM, OpenCLIP-H; eps or v), SDXL base (SGM, CLIP-L + OpenCLIP-bigG)"
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+FOLDER_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# what building a model from a user's files raises when the files do not fit (never a traceback for these)
+BUILD_ERRORS = (ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError, OSError)
 
 
 class CheckpointError(LoraFileError):
@@ -178,15 +181,20 @@ def _from_single_file(path, source, folder, family, prediction_type, dtype, vae)
 
     scheduler = diffusers.DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler",
                                                         prediction_type=prediction_type)
+    if isinstance(dtype, dict):  # per-component dtypes (no_half_vae): the VAE is read on its own, in its dtype
+        dtype, vae_dtype = dtype.get("default", torch.float32), dtype.get("vae", dtype.get("default"))
+        if vae is None and vae_dtype not in (None, dtype):
+            vae = diffusers.AutoencoderKL.from_single_file(str(source), config=str(folder), subfolder="vae",
+                                                           local_files_only=True, dtype=vae_dtype)
     extra = {"vae": vae} if vae is not None else {}
     if family != "sdxl":
         extra.update(safety_checker=None, requires_safety_checker=False)
     try:
         return getattr(diffusers, PIPELINES[family]).from_single_file(
             str(source), config=str(folder), local_files_only=True, dtype=dtype, scheduler=scheduler, **extra)
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(path, f"could not be loaded as {FAMILY_NAMES[family]} ({type(e).__name__}: {e}); "
-                                    f"supported: {SUPPORTED}") from None
+    except BUILD_ERRORS as e:  # e.g. a text encoder whose tensors do not fit any CLIP config
+        raise CheckpointError(path, f"could not be loaded as {FAMILY_NAMES[family]} ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''}); supported: {SUPPORTED}") from None
 
 
 def load_base_model(name_or_path: str | os.PathLike | None = None, **kwargs) -> BaseModel:
@@ -207,20 +215,45 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, **kwargs) -> 
 
 def _load_folder(path: Path, dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
                  **_) -> BaseModel:
-    import json
-
     import diffusers
 
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise CheckpointError(path, "not a diffusers folder (no model_index.json)")
-    cls_name = json.loads(index.read_text()).get("_class_name", "")
+    cls_name = _checked_index(path)
     family = "sdxl" if "XL" in cls_name else "sd1"
-    pipe = getattr(diffusers, cls_name).from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    try:  # safetensors only: a .bin component would be a pickle
+        pipe = getattr(diffusers, cls_name).from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                            use_safetensors=True)
+    except BUILD_ERRORS as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(path, f"cannot be loaded as a diffusers folder ({type(e).__name__}: {first}); every "
+                                    "component needs its config and a .safetensors weight file (lorakit never "
+                                    "loads .bin pickles: convert them, e.g. with diffusers' save_pretrained)") from None
     if family == "sd1" and pipe.unet.config.get("use_linear_projection"):
         family = "sd2"
     pred = prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon")
     return BaseModel(pipe, family, pred, str(path), [f"diffusers folder ({cls_name}); prediction type {pred}"])
+
+
+def _checked_index(path: Path) -> str:
+    """The folder's pipeline class, after checking model_index.json names only known diffusers/transformers parts."""
+    import json
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(path, "not a diffusers folder (no model_index.json)")
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(index, f"is not valid JSON ({e}); restore it from the model's source") from None
+    cls_name = data.get("_class_name") if isinstance(data, dict) else None
+    if cls_name not in FOLDER_PIPELINES:
+        raise CheckpointError(index, f"_class_name {cls_name!r} is not a Stable Diffusion pipeline lorakit loads; "
+                                     f"supported: {', '.join(FOLDER_PIPELINES)}")
+    for name, entry in data.items():
+        if not name.startswith("_") and isinstance(entry, list) and entry and entry[0] not in (
+                None, "diffusers", "transformers"):
+            raise CheckpointError(index, f"component {name!r} comes from {entry[0]!r}, a custom pipeline: lorakit "
+                                         "never runs code shipped with a model; use a standard diffusers folder")
+    return cls_name
 
 
 def save_single_file(path: str | os.PathLike, family: str, unet, vae, text_encoders, dtype=None,

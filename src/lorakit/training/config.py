@@ -20,7 +20,7 @@ from pathlib import Path
 from lorakit.options import base_type, list_item_type
 from lorakit.surgery.config import NetworkConfig
 from lorakit.training.kohya_table import KOHYA_KEYS
-from lorakit.training.schema import NETWORK_KEY_OF_FIELD, PRESETS, TrainConfig
+from lorakit.training.schema import INTERNAL_NETWORK_FIELDS, NETWORK_KEY_OF_FIELD, PRESETS, TrainConfig
 
 __all__ = ["ConfigError", "TrainConfig", "PRESETS", "FIELDS", "HINTS", "load_config", "build_config", "coerce",
            "parse_overrides", "read_config_values", "did_you_mean", "base_type", "default_of", "keys_help"]
@@ -31,7 +31,6 @@ class ConfigError(ValueError):
 
 
 # ---- the key registry: TOML key -> (owner, field name) ---------------------------------------------------------
-INTERNAL_NETWORK_FIELDS = ("train_unet", "train_text_encoder", "forward_mode")  # set from other keys / code
 
 
 def _registry() -> dict[str, tuple[str, str]]:
@@ -152,7 +151,8 @@ def _is_kohya_default(entry, value) -> bool:
 
 def _network_arg_values(args: list[str], problems: list[str], notes: list[str]) -> dict[str, object]:
     out = {}
-    for item in args:
+    # LyCORIS reads use_cp over use_tucker whatever their order (kohya_ss writes both): take use_cp last
+    for item in sorted(args, key=lambda item: str(item).partition("=")[0].strip() == "use_cp"):
         arg, eq, value = str(item).partition("=")
         arg, value = arg.strip(), value.strip()
         if not eq:

@@ -151,7 +151,14 @@ def from_toml(path: str | Path, defaults: dict | None = None) -> list[DatasetSpe
             problems.append(f"{where}: has no [[datasets.subsets]]")
         spec_values = {k: v for k, v in merged.items() if k in DATASET_KEYS}
         spec_values["resolution"] = as_size(spec_values.get("resolution", 512))
-        specs.append(DatasetSpec(subsets, **spec_values))
+        spec = DatasetSpec(subsets, **spec_values)
+        if spec.enable_bucket:  # checked here too, so the message names the file and the table
+            try:
+                checked_bucket_range(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso,
+                                     spec.bucket_reso_steps, where)
+            except ConfigError as e:
+                problems.append(str(e))
+        specs.append(spec)
     if not data.get("datasets"):
         problems.append(f"{path}: no [[datasets]] table")
     if problems:
@@ -331,6 +338,8 @@ def _read_caption(path: Path, subset: Subset, report: DatasetReport) -> str:
     cap = path.with_suffix(subset.caption_extension)
     if not cap.is_file():
         report.missing_captions += 1
+        report.notes.append(f"{path}: no caption file {cap.name}; the caption is the class tokens "
+                            f"{subset.class_tokens or ''!r}")
         return subset.class_tokens or ""
     raw = cap.read_bytes()
     try:

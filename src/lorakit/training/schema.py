@@ -8,7 +8,7 @@ is listed, with its status, in lorakit/data/kohya_keys.toml.
 from __future__ import annotations
 
 from copy import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from lorakit.options import opt
 from lorakit.surgery.config import NetworkConfig
@@ -28,6 +28,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
               "adafactor", "piecewise_constant", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 NETWORK_KEY_OF_FIELD = {"dropout": "network_dropout"}  # NetworkConfig field -> kohya's top-level TOML key
 NETWORK_FIELD_OF_KEY = {v: k for k, v in NETWORK_KEY_OF_FIELD.items()}
+INTERNAL_NETWORK_FIELDS = ("train_unet", "train_text_encoder", "forward_mode")  # set from other keys or by code
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGDNesterov")
 
 
@@ -111,7 +112,17 @@ class TrainConfig:
     max_train_epochs: int | None = opt(None, "training epochs", lo=1)
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", lo=1)
     gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
-    mixed_precision: str = opt("no", "autocast dtype", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = opt("no", "training precision: bf16/fp16 hold the frozen model in that dtype and "
+                                     "autocast the adapter math (fp16 adds loss scaling)",
+                               choices=("no", "fp16", "bf16"))
+    full_bf16: bool = opt(False, "the adapters' own weights in bf16 too (needs mixed_precision bf16)")
+    full_fp16: bool = opt(False, "the adapters' own weights in fp16 too (needs mixed_precision fp16)")
+    no_half_vae: bool = opt(False, "keep the VAE in fp32 under mixed_precision")
+    fp8_base: bool = opt(False, "frozen U-Net and text-encoder Linear/Conv weights in float8 (CUDA only)")
+    fp8_base_unet: bool = opt(False, "frozen U-Net Linear/Conv weights in float8 (CUDA only)")
+    torch_compile: bool = opt(False, "torch.compile the U-Net (speed only; the first steps compile)")
+    dynamo_backend: str = opt("inductor", "torch.compile backend for torch_compile",
+                              choices=("inductor", "aot_eager", "eager", "cudagraphs"))
     seed: int = opt(42, "random seed", lo=0)
     # ---- noise, timesteps and loss ----
     noise_offset: float = opt(0.0, "noise offset", lo=0.0, hi=1.0)
@@ -177,7 +188,8 @@ class TrainConfig:
 
     def settings(self) -> dict[str, object]:
         """Every key as the TOML spells it (network keys flat): for state checks and saved settings."""
-        flat = {k: v for k, v in self.__dict__.items() if k != "network"}
-        for name, value in self.network.__dict__.items():
-            flat[NETWORK_KEY_OF_FIELD.get(name, name)] = value
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "network"}
+        for f in fields(self.network):
+            if f.name not in INTERNAL_NETWORK_FIELDS:
+                flat[NETWORK_KEY_OF_FIELD.get(f.name, f.name)] = getattr(self.network, f.name)
         return flat
