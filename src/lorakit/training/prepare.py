@@ -1,10 +1,13 @@
 """Before the first step: the dataset, the sample prompts and the base model, checked cheapest first."""
 from __future__ import annotations
 
+import torch
+
 from lorakit.models.checkpoint import FAMILY_NAMES, BaseModel, load_base_model
 from lorakit.training.captions import SamplePrompt
 from lorakit.training.config import ConfigError, TrainConfig
 from lorakit.training.dataset import DatasetReport, load_specs, scan, subset_defaults
+from lorakit.training.precision import choose, precision_problems
 from lorakit.training.sampling import SamplePromptError, check_sampler, load_sample_prompts
 
 
@@ -51,8 +54,14 @@ def prepare_samples(config: TrainConfig) -> list[SamplePrompt]:
         raise ConfigError(str(e)) from None
 
 
-def prepare_base(config: TrainConfig) -> BaseModel:
-    base = load_base_model(config.pretrained_model_name_or_path,
+def prepare_base(config: TrainConfig, device: torch.device | str = "cpu") -> BaseModel:
+    """The base model, read straight into the run's dtypes (never an fp32 copy first under mixed_precision);
+    precision switches that cannot run on `device` are refused before anything loads."""
+    problems = precision_problems(config, torch.device(device))
+    if problems:
+        raise ConfigError(f"{len(problems)} precision setting(s) cannot be used here:\n" +
+                          "\n".join(f"  - {p}" for p in problems))
+    base = load_base_model(config.pretrained_model_name_or_path, dtype=choose(config).load_dtypes(),
                            prediction_type="v_prediction" if config.v_parameterization else None)
     if base.family == "sdxl" and config.clip_skip > 1:
         raise ConfigError("clip_skip does not apply to SDXL (it always uses the penultimate layers, as kohya "

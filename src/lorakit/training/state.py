@@ -44,17 +44,21 @@ class Progress:
     losses: list[float] = field(default_factory=list)
 
 
-def save_state(folder: str | Path, network, optimizer, scheduler, progress: Progress, settings: dict) -> Path:
+def save_state(folder: str | Path, network, optimizer, scheduler, progress: Progress, settings: dict,
+               scaler=None) -> Path:
+    """scaler: fp16's GradScaler, whose loss scale and growth counter a resumed run must continue from."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"network": network.state_dict(), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "progress": asdict(progress)}
+    if scaler is not None:
+        payload["scaler"] = scaler.state_dict()
     atomic_write(folder / STATE_FILE, lambda f: torch.save(payload, f))
     atomic_write(folder / CONFIG_FILE, json.dumps(settings, indent=1, default=str))
     return folder
 
 
-def load_state(folder: str | Path, network, optimizer, scheduler, settings: dict) -> Progress:
+def load_state(folder: str | Path, network, optimizer, scheduler, settings: dict, scaler=None) -> Progress:
     """Restore network/optimizer/scheduler in place; refuse a state made with different network settings."""
     folder = Path(folder)
     path = folder / STATE_FILE
@@ -76,6 +80,8 @@ def load_state(folder: str | Path, network, optimizer, scheduler, settings: dict
         network.load_state_dict(payload["network"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
         return Progress(**payload["progress"])
     except pickle.UnpicklingError as e:  # weights-only loading refused an object: nothing ran, say so plainly
         raise ResumeError(f"{path}: refused by the weights-only loader, so none of its code ran ({e}); this is "

@@ -14,6 +14,8 @@ import hashlib
 import random
 import sys
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,8 @@ from lorakit.training.optim import apply_max_norm, make_optimizer, make_schedule
 from lorakit.training.outputs import (StopRequest, TrainingInterrupted, TrainingStopped, epoch_file_stem, removed_epoch,
                                       removed_step, save_lora, step_file_stem)
 from lorakit.training.paths import path_problems
+from lorakit.training.precision import (apply_release, cast_adapters, choose, deterministic_captions, make_scaler,
+                                       release_plan, to_fp8)
 from lorakit.training.prepare import prepare_base, prepare_dataset, prepare_samples
 from lorakit.training.sampling import render_samples
 from lorakit.training.state import Progress, load_state, save_state
@@ -125,7 +129,8 @@ class Trainer:
         self.procs = Processes(device)
         self.device = self.procs.device
         self.tell([f"skipped: {p}" for p in self.report.problems] + [f"note: {n}" for n in self.report.notes])
-        self.base = prepare_base(config)
+        self.precision = choose(config)
+        self.base = prepare_base(config, self.device)
         self.tell([f"note: {n}" for n in self.base.notes])
         pipe = self.base.pipeline
         pipe.set_progress_bar_config(disable=True)
@@ -134,9 +139,15 @@ class Trainer:
         self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if len(self.text_encoders) == 2 else [])
         for module in (self.unet, self.vae, *self.text_encoders):
             module.requires_grad_(False).to(self.device)
+        if self.precision.fp8_unet:  # refused off CUDA by prepare_base
+            to_fp8([self.unet] + (self.text_encoders if self.precision.fp8_text else []))
         self.network: LoraNetwork = start_network(self.unet, self.text_encoders, config.network_config(),
                                                   config.seed, config.network_weights, config.dim_from_weights)
         self.network.to(self.device)
+        cast_adapters(self.network, self.precision.adapters)  # fp32 masters unless full_bf16/full_fp16
+        self.scaler = make_scaler(config, self.device)  # fp16 only
+        self.step_unet = self.unet  # torch_compile: the compiled U-Net, for training steps only
+        self.offloaded: list = []  # VAE/text encoders moved to the CPU after caching (sampling moves them in)
         self.train_text = any(i.component != "unet" for i in self.network.info.values()) and \
             (config.text_encoder_lr is None or config.text_encoder_lr > 0)
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.to(self.device)
@@ -171,6 +182,9 @@ class Trainer:
         if self.train_text:
             return self.encode(captions, size)
         missing = [c for c in dict.fromkeys(captions) if (c, size) not in self._text_cache]
+        if missing and self.text_encoder is None:
+            raise RuntimeError(f"caption {missing[0]!r} at {size} was not cached before the text encoders were "
+                               "released (a lorakit bug: please report it)")
         if missing:  # frozen text encoders: each distinct caption is encoded once
             with torch.no_grad():
                 hidden, extra = self.encode(missing, size)
@@ -194,7 +208,7 @@ class Trainer:
         size = (latents.shape[-2] * 8, latents.shape[-1] * 8)  # pixels: the VAE downsamples 8x
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             context, extra = self.context(captions, size)
-            pred = self.unet(noisy, t, context, added_cond_kwargs=extra).sample
+            pred = self.step_unet(noisy, t, context, added_cond_kwargs=extra).sample
         target = obj.target(latents, noise, schedule, t, v_pred)
         return per_sample_loss(cfg, pred, target, t, schedule, self.alphas_cumprod, v_pred, weights, masks).mean()
 
@@ -217,6 +231,37 @@ class Trainer:
                                 random.Random(derived_seed(self.config.seed, "epoch", epoch)))
         return self.procs.shard(batches)
 
+    def release_frozen(self, cache: LatentCache) -> None:
+        """Once latents are cached, the VAE and (with frozen text encoders and fixed captions, after every
+        caption is encoded) the text encoders leave: deleted on the CPU, moved to the CPU from a GPU; kept
+        when a later step or a sample needs them. The run says which, on stderr."""
+        items = self.report.items
+        text_adapters = any(i.component != "unet" for i in self.network.info.values())
+        plan = release_plan(self.device, any(z is None for z in cache.latents), bool(self.prompts),
+                            self.train_text, text_adapters, deterministic_captions(items))
+        if plan.text != "keep":
+            self.cache_all_text(cache)
+        pipe = self.base.pipeline
+        self.offloaded = apply_release(plan, pipe, cache)
+        self.vae, self.text_encoder = pipe.vae, pipe.text_encoder
+        self.text_encoders = [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+                              if te is not None]
+        self.tell(list(plan.lines))
+
+    @torch.no_grad()
+    def cache_all_text(self, cache: LatentCache) -> None:
+        """Every (caption, size) the run will ask for, encoded now as the steps would (fixed captions only)."""
+        by_size = defaultdict(list)
+        for item, z in zip(self.report.items, cache.latents):
+            size = (z.shape[-2] * 8, z.shape[-1] * 8) if z is not None else (item.bucket[1], item.bucket[0])
+            by_size[size].append(process_caption(item.caption, item.subset, random.Random(0), CaptionClock()))
+        dtype = self.precision.autocast
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            for size, captions in by_size.items():
+                captions = list(dict.fromkeys(captions))
+                for start in range(0, len(captions), 16):
+                    self.context(captions[start:start + 16], size)
+
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, start = self.config, time.time()
@@ -231,6 +276,7 @@ class Trainer:
                   disable=not self.procs.is_main) as bar:
             disk = (cfg.latent_cache_dir or self.out / "latent-cache") if cfg.cache_latents_to_disk else None
             cache = LatentCache.build(self.report.items, self.vae, progress=bar.update, disk=disk)
+        self.release_frozen(cache)
         total = self.total_steps()
         optimizer = make_optimizer(cfg.optimizer_type, self.network.param_groups(
             cfg.unet_lr, cfg.text_encoder_lr, cfg.learning_rate), cfg.learning_rate, self.device, cfg.optimizer_args)
@@ -238,9 +284,11 @@ class Trainer:
                                    **schedule_options(cfg))
         progress = Progress()
         if cfg.resume:
-            progress = load_state(cfg.resume, self.network, optimizer, scheduler, cfg.settings())
+            progress = load_state(cfg.resume, self.network, optimizer, scheduler, cfg.settings(), self.scaler)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if cfg.torch_compile:  # speed only: the same math, traced through the adapters' forwards
+            self.step_unet = torch.compile(self.unet, backend=cfg.dynamo_backend)
         self.unet.train(), self.network.train()
         monitor = Monitor(self.out / f"{cfg.output_name}-history.json", cfg.logging_dir, resume_step=progress.step,
                           total_steps=total, log_prefix=cfg.log_prefix) if self.procs.is_main else None
@@ -277,7 +325,8 @@ class Trainer:
                                       f"stopped without saving it. Last good files: {self.out}/"
                                       f"{cfg.output_name}-*.safetensors. Lower the learning rate or use "
                                       "mixed_precision bf16 instead of fp16")
-            (loss / accumulate).backward()
+            loss = loss / accumulate
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             group_losses.append(value)
             progress.batch, progress.micro = progress.batch + 1, progress.micro + 1
             if progress.micro % accumulate:
@@ -306,7 +355,7 @@ class Trainer:
                 self.remove_file(epoch_file_stem(cfg.output_name, old))
             if cfg.save_state and self.procs.is_main:
                 done = Progress(progress.step, progress.epoch + 1, 0, progress.micro, list(progress.losses))
-                save_state(self.state_dir, self.network, optimizer, scheduler, done, cfg.settings())
+                save_state(self.state_dir, self.network, optimizer, scheduler, done, cfg.settings(), self.scaler)
         if self.prompts and cfg.sample_every_n_epochs and progress.epoch % cfg.sample_every_n_epochs == 0:
             self.sample(f"{cfg.output_name}_e{progress.epoch:06d}", progress)
         if monitor:
@@ -317,10 +366,23 @@ class Trainer:
         cfg, run = self.config, self.run_state
         progress = run.progress
         self.procs.average_gradients(params)
+        if self.scaler:  # fp16: true gradients before clipping; a step with inf/NaN gradients is skipped
+            self.scaler.unscale_(run.optimizer)
         if cfg.max_grad_norm:  # kohya: 0 turns clipping off
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.step(run.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale
+            if skipped:
+                self.tell([f"note: step {progress.step + 1}: fp16 gradients overflowed; step skipped, loss scale "
+                           f"now {self.scaler.get_scale():g}"])
+        else:
+            run.optimizer.step()
+            skipped = False
+        if not skipped:  # as accelerate: the LR schedule does not advance on a skipped step
+            run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         scalars, postfix = {}, {}
         if cfg.scale_weight_norms:
@@ -351,7 +413,8 @@ class Trainer:
             return
         run.result.files.append(self.save(step_file_stem(cfg.output_name, progress.step), progress))
         if cfg.save_state and self.procs.is_main:
-            save_state(self.state_dir, self.network, run.optimizer, run.scheduler, progress, cfg.settings())
+            save_state(self.state_dir, self.network, run.optimizer, run.scheduler, progress, cfg.settings(),
+                       self.scaler)
         old = removed_step(progress.step, every, cfg.save_last_n_steps)
         if old is not None:
             self.remove_file(step_file_stem(cfg.output_name, old))
@@ -377,19 +440,33 @@ class Trainer:
 
     def sample(self, stem: str, progress: Progress) -> None:
         if self.procs.is_main:
-            paths = render_samples(self.base.pipeline, self.network, self.prompts, self.out / "sample", stem,
-                                   self.config.sample_sampler)
+            dtype = self.precision.autocast  # e.g. a bf16 U-Net beside an fp32 VAE (no_half_vae)
+            with self.frozen_on_device(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                paths = render_samples(self.base.pipeline, self.network, self.prompts, self.out / "sample", stem,
+                                       self.config.sample_sampler)
             self.run_state.result.samples.extend(paths)
             if self.run_state.monitor:
                 self.run_state.monitor.samples(progress.step, progress.epoch, paths)
         self.procs.barrier()
+
+    @contextmanager
+    def frozen_on_device(self):
+        """The VAE/text encoders moved off the GPU after caching come back for the duration (sampling)."""
+        for module in self.offloaded:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in self.offloaded:
+                module.to("cpu")
 
     def interrupt(self, progress: Progress, signal_name: str) -> None:
         run = self.run_state
         stem = f"{self.config.output_name}-step{progress.step:06d}"
         path = self.save(stem, progress)
         if self.procs.is_main:
-            save_state(self.state_dir, self.network, run.optimizer, run.scheduler, progress, self.config.settings())
+            save_state(self.state_dir, self.network, run.optimizer, run.scheduler, progress, self.config.settings(),
+                       self.scaler)
             if run.monitor:
                 run.monitor.close()
         raise TrainingInterrupted(f"{signal_name}: stopped after step {progress.step}; saved {path} and the "

@@ -16,6 +16,17 @@ from lorakit.adapters.functional.layer import LayerSpec, effective_alpha, scale_
 from lorakit.adapters.modules import dora
 
 FORWARD_MODES = ("auto", "bypass", "merged")
+FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def compute_dtype(weight: torch.Tensor, x: torch.Tensor) -> torch.dtype:
+    """The dtype the adapted layer computes in: its weight's, unless that is a float8 storage dtype, which
+    computes in autocast's dtype (or the input's). fp32 adapter weights are cast to it, never the reverse."""
+    if weight.dtype not in FLOAT8:
+        return weight.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 @dataclass(frozen=True)
@@ -177,7 +188,10 @@ class AdapterModule(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
     def _base(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         layer = self.layer
-        return self.spec.apply(x, layer.weight if weight is None else weight, layer.bias)
+        weight = layer.weight if weight is None else weight
+        if weight.dtype in FLOAT8:  # storage only (fp8_base): no kernel takes it, compute upcast
+            weight = weight.to(compute_dtype(weight, x))
+        return self.spec.apply(x, weight, layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._merged or self.multiplier == 0.0:
@@ -188,11 +202,12 @@ class AdapterModule(nn.Module):
         if self._mode_for(x) == "bypass":
             return self.bypass_forward(x)
         weight = self.layer.weight
+        dtype = compute_dtype(weight, x)  # fp8 weights cannot be added to: both upcast
         if self.dora_axis is not None:  # W' built once per call from the weight, never per token
             return self._base(x, dora.applied_weight(self, weight, self.training_delta_weight(),
-                                                     self.multiplier).to(weight.dtype))
-        dw = self.training_delta_weight().to(weight.dtype)
-        return self._base(x, weight + dw * self.multiplier)
+                                                     self.multiplier).to(dtype))
+        dw = self.training_delta_weight().to(dtype)
+        return self._base(x, weight.to(dtype) + dw * self.multiplier)
 
     def training_delta_weight(self) -> torch.Tensor:
         """ΔW with rank_dropout applied (LoHa/LoKr: a mask over output rows, rescaled by 1/(1-p))."""
