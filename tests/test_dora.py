@@ -279,3 +279,24 @@ def test_peft_and_ai_toolkit_magnitudes_load_as_the_output_axis(tmp_path):
         assert all(a.dora_axis == "output" for a in loaded.adapters.values())
         assert torch.allclose(unet_out(unet, inputs), ours, atol=1e-5), writer
         loaded.restore()
+
+
+def test_inspect_names_the_dora_layout_and_warns_for_the_output_axis(tmp_path):
+    from lorakit.inspect_file import format_report, inspect_file
+
+    unet = build_unet("tiny-sd1")
+    reports = {}
+    for wd_on_output in (False, True):
+        net = create_network(unet, [], NetworkConfig(network_dim=4, conv_dim=4, dora_wd=True,
+                                                     wd_on_output=wd_on_output), seed=0)
+        path = save_network(net, tmp_path / f"dora_{wd_on_output}.safetensors")
+        net.restore()
+        reports[wd_on_output] = inspect_file(path)
+    n = reports[False]["num_modules"]
+    assert reports[False]["algorithm_labels"] == {"LoRA+DoRA (input axis)": n}
+    assert reports[False]["warnings"] == []
+    assert reports[True]["algorithm_labels"] == {"LoRA+DoRA (output axis)": n}
+    text = format_report(reports[True])
+    assert "LoRA+DoRA (output axis)" in text
+    warning = next(line for line in text.splitlines() if line.startswith("WARNING"))
+    assert "A1111" in warning and "ComfyUI" in warning and "‖W‖ instead of ‖W + ΔW‖" in warning

@@ -59,6 +59,8 @@ def inspect_file(path: str | os.PathLike) -> dict:
         "size_bytes": Path(path).stat().st_size,
         "family": family,
         "algorithms": dict(Counter(m["algo"] for m in modules)),
+        "algorithm_labels": dict(Counter(m["label"] for m in modules)),  # with DoRA and its axis
+        "warnings": dora_warnings(modules),
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in tensors.values())),
         "num_modules": len(modules),
         "num_parameters": sum(t.numel() for k, t in tensors.items() if not k.endswith(".alpha")),
@@ -122,11 +124,45 @@ def _describe(parsed, family: str) -> dict:
         scale = F_lokr.scale_for(w, parsed.alpha)
     component, block = _component_and_block(name, family)
     norm, effective = _delta_stats(parsed, scale)
-    return {"name": name, "algo": algo, "kind": kind, "rank": rank if rank is not None else "full",
+    return {"name": name, "algo": algo, "label": algorithm_label(parsed), "dora_axis": parsed.dora_axis,
+            "dora_source": parsed.dora_source, "kind": kind, "rank": rank if rank is not None else "full",
             "alpha": parsed.alpha, "scale": scale, "component": component, "block": block,
             "norm": norm, "effective_rank": effective,
             "tucker": any(k in w for k in ("mid", "t1", "t2")), "nonfinite": nonfinite_tensors(parsed),
             "shapes": {parsed.algo.file_keys[k]: list(v.shape) for k, v in w.items()}}
+
+
+ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+# how each DoRA layout is written, and which loaders compute it differently from the model that was trained
+DORA_LOADER_NOTES = {
+    "output": "A1111 normalises every dora_scale per input column, so it computes these modules wrong; ComfyUI's "
+              "output-axis branch divides by ‖W‖ instead of ‖W + ΔW‖. lorakit and LyCORIS compute them as "
+              "trained; write wd_on_output = false (input axis) for files meant for A1111/ComfyUI/Forge",
+    "peft": "A1111 and ComfyUI read DoRA from dora_scale only: `lorakit convert --to kohya` writes it (output "
+            "axis), with the output-axis caveats",
+}
+
+
+def algorithm_label(parsed) -> str:
+    """'LoRA', or 'LoRA+DoRA (input axis)' / 'LoHa+DoRA (output axis, PEFT lora_magnitude_vector)'."""
+    name = ALGO_NAMES[parsed.algo.name]
+    if parsed.dora_axis is None:
+        return name
+    source = "" if parsed.dora_source == "dora_scale" else f", {parsed.dora_source}"
+    return f"{name}+DoRA ({parsed.dora_axis} axis{source})"
+
+
+def dora_warnings(modules: list[dict]) -> list[str]:
+    """One line per DoRA layout some loaders compute differently, with the module count."""
+    out = []
+    output_axis = [m for m in modules if m["dora_axis"] == "output"]
+    if output_axis:
+        out.append(f"{len(output_axis)} module(s) hold output-axis DoRA: {DORA_LOADER_NOTES['output']}")
+    foreign = [m for m in modules if m["dora_source"] not in (None, "dora_scale")]
+    if foreign:
+        out.append(f"{len(foreign)} module(s) store the DoRA magnitude as {foreign[0]['dora_source']}: "
+                   f"{DORA_LOADER_NOTES['peft']}")
+    return out
 
 
 @torch.no_grad()
@@ -200,7 +236,7 @@ def format_report(report: dict, show_modules: bool = False) -> str:
     lines = [f"file        {report['file']}",
              f"size        {report['size_bytes']:,} bytes, {report['num_parameters']:,} parameters",
              f"base        {report['family']}",
-             f"algorithms  " + ", ".join(f"{k} x{v}" for k, v in report["algorithms"].items()),
+             f"algorithms  " + ", ".join(f"{k} x{v}" for k, v in report["algorithm_labels"].items()),
              f"dtypes      " + ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items()),
              f"modules     {report['num_modules']} " + str(report["components"]) + " " + str(report["kinds"])]
     h = report["hash"]
@@ -210,6 +246,8 @@ def format_report(report: dict, show_modules: bool = False) -> str:
         if m["nonfinite"]:  # a diverged run or a broken converter: loaders would draw black or noise
             lines.append(f"NON-FINITE  {m['name']}: NaN/inf in {', '.join(m['nonfinite'])}; merge, resize and "
                          "convert refuse this file")
+    for warning in report.get("warnings", []):
+        lines.append(f"WARNING     {warning}")
     ranks = Counter((m["kind"], m["rank"], m["alpha"]) for m in report["modules"])
     lines.append("ranks       " + "; ".join(f"{k} rank {r} alpha {a} x{n}" for (k, r, a), n in sorted(
         ranks.items(), key=lambda kv: str(kv[0]))))
@@ -225,7 +263,7 @@ def format_report(report: dict, show_modules: bool = False) -> str:
     lines.append(f"(+{max(0, len(meta) - 7)} more metadata keys: --json shows all)")
     if show_modules:
         for m in report["modules"]:
-            lines.append(f"  {m['name']:<90} {m['algo']:<5} {m['kind']:<10} r={m['rank']} "
+            lines.append(f"  {m['name']:<90} {m['label']:<5} {m['kind']:<10} r={m['rank']} "
                          f"alpha={m['alpha']} scale={m['scale']:.4g} {m['block']} ‖ΔW‖={m['norm'] or 0:.4g} "
                          f"eff.rank={m['effective_rank'] or '-'}")
     return "\n".join(lines)
