@@ -1,7 +1,8 @@
 """`lorakit merge`: LoRAs into a checkpoint, or several LoRAs into one, exactly, with per-LoRA ratios.
 
 - Into a checkpoint: W += ratio · scale · up·down for every module (any algorithm), computed in float32
-  and written as a single original-layout file. kohya's plain LoRA-into-LoRA merge scales both factors by
+  and written as a single original-layout file. DoRA modules: W + ratio·(W' − W), as A1111 and ComfyUI
+  apply a strength. kohya's plain LoRA-into-LoRA merge scales both factors by
   the ratio, so a ratio r contributes r² (sd-scripts #586/#868); here each ratio counts once.
 - Into one LoRA, `concat`: ranks are stacked (down rows, up columns with ratio·scale folded in, alpha =
   total rank), an exact sum of the inputs. `svd`: the summed ΔW re-factorised to --rank/--conv-rank.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapters.modules import dora
 from lorakit.formats.files import load_network_file
 from lorakit.models.checkpoint import load_base_model, save_single_file
 from lorakit.tools.lora_files import DTYPES, check_output, read_modules, write_result
@@ -102,7 +104,10 @@ def merge_into_checkpoint(base: str, inputs: list[tuple[str, float]], out: str |
         network, _ = load_network_file(path, pipe.unet, text_encoders, apply=False)
         for name, adapter in network.adapters.items():
             weight = network.layer(name).weight
-            merged = weight.float() + adapter.delta_weight().float() * ratio
+            if adapter.dora_axis is not None:  # A1111/ComfyUI's strength rule: W + ratio·(W' − W)
+                merged = dora.applied_weight(adapter, weight.float(), adapter.delta_weight().float(), ratio)
+            else:
+                merged = weight.float() + adapter.delta_weight().float() * ratio
             weight.copy_(merged.to(weight.dtype))
     meta = {"lorakit_merged_loras": ", ".join(f"{os.path.basename(p)}:{r:g}" for p, r in inputs),
             "lorakit_base": os.path.basename(str(base))}
