@@ -27,3 +27,22 @@ def test_merge_dora_into_checkpoint_equals_applying_it(tiny_folder, tmp_path):
                                 precision="float")
     merged = load_single_file(out, config_dir=tiny_folder).pipeline
     torch.testing.assert_close(probe(merged), applied, atol=2e-5, rtol=1e-4)
+
+
+def test_resize_merge_and_convert_refuse_dora_without_a_base(tiny_folder, tmp_path):
+    """A DoRA module's change W' − W needs the base weight: never silently dropped to its plain LoRA part."""
+    import pytest
+
+    from lorakit.tools.convert import convert_file
+    from lorakit.tools.lowrank import ToolError
+    from lorakit.tools.merge import merge_loras
+    from lorakit.tools.resize import resize_file
+
+    pipe = load_base_model(str(tiny_folder)).pipeline
+    net = create_network(pipe.unet, [], NetworkConfig(network_dim=4, dora_wd=True), seed=0)
+    path = save_network(net, tmp_path / "dora.safetensors")
+    for run in (lambda: resize_file(path, tmp_path / "r.safetensors", rank=2),
+                lambda: merge_loras([(str(path), 1.0)], tmp_path / "m.safetensors"),
+                lambda: convert_file(path, tmp_path / "c.safetensors", to="diffusers", family="sd1")):
+        with pytest.raises(ToolError, match="DoRA .*needs the base model's weight"):
+            run()

@@ -74,6 +74,10 @@ def from_parsed(parsed: ModuleTensors, path: str) -> LowRank:
     if parsed.algo.name != "lora":
         raise ToolError(f"{path}: module {parsed.name} is {parsed.algo.name}; this tool works on LoRA/LoCon "
                         "modules (convert LoHa/LoKr with `lorakit extract` from merged checkpoints)")
+    if parsed.dora_axis is not None:  # W' − W depends on the base weight, which a LoRA file does not hold
+        raise ToolError(f"{path}: module {parsed.name} is DoRA ({parsed.dora_axis} axis); its effective change "
+                        "W' − W needs the base model's weight, so this tool cannot re-factorise or convert it "
+                        "without one (bake it into a checkpoint with `lorakit merge --checkpoint BASE`)")
     w = parsed.weights
     return LowRank(parsed.name, w["down"], w["up"], parsed.alpha, w.get("mid"))
 
