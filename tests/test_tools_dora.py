@@ -46,3 +46,19 @@ def test_resize_merge_and_convert_refuse_dora_without_a_base(tiny_folder, tmp_pa
                 lambda: convert_file(path, tmp_path / "c.safetensors", to="diffusers", family="sd1")):
         with pytest.raises(ToolError, match="DoRA .*needs the base model's weight"):
             run()
+
+
+def test_blocks_keeps_or_removes_dora_modules_and_refuses_other_weights(tiny_folder, tmp_path):
+    import pytest
+
+    from lorakit.formats.safetensors_io import read_safetensors
+    from lorakit.tools.blocks import apply_block_weights
+    from lorakit.tools.lowrank import ToolError
+
+    pipe = load_base_model(str(tiny_folder)).pipeline
+    net = create_network(pipe.unet, [], NetworkConfig(network_dim=4, dora_wd=True), seed=0)
+    path = save_network(net, tmp_path / "dora.safetensors")
+    out, counts = apply_block_weights(path, tmp_path / "all.safetensors", "ALL")
+    assert counts["scaled"] == 0 and read_safetensors(out)[0].keys() == read_safetensors(path)[0].keys()
+    with pytest.raises(ToolError, match="DoRA; its effect does not scale"):
+        apply_block_weights(path, tmp_path / "half.safetensors", "ALL0.5")

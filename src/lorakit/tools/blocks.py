@@ -73,6 +73,9 @@ def apply_block_weights(src: str | os.PathLike, out: str | os.PathLike, weights:
         if w == 0.0:
             counts["removed"] += 1
             continue
+        if parsed.dora_axis is not None and w != 1.0:  # m·(W+w·ΔW)/‖W+w·ΔW‖ is not a w-scaled change
+            raise ToolError(f"{src}: module {name} is DoRA; its effect does not scale with a factor, so block "
+                            f"{block} can take weight 0 (removed) or 1 (kept), not {w:g}")
         counts["kept" if w == 1.0 else "scaled"] += 1
         factor = FIRST_FACTOR[parsed.algo.name]
         if isinstance(factor, tuple):
