@@ -163,3 +163,27 @@ def test_flags_without_a_config_file(tmp_path, capsys):
                "1", "--output_dir", str(tmp_path / "out"), "--flip_aug"])
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "lora.safetensors").is_file()
+
+
+@pytest.mark.parametrize("line,expect", [("a red circle --w 0", "--w 0 is below 8"),
+                                         ("a red circle --h -8", "--h -8 is below 8"),
+                                         ("a red circle --l nan", "--l needs a finite number"),
+                                         ("a red circle --q 3", "--q is not supported")])
+def test_bad_sample_prompts_are_named_before_training(line, expect, tmp_path, capsys):
+    good_images(tmp_path / "data" / "1_shape")
+    (tmp_path / "p.txt").write_text(line + "\n")
+    argv = folder_run(tmp_path, f'sample_prompts = "{tmp_path / "p.txt"}"\nsample_every_n_epochs = 1\n')
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "p.txt" in err, err
+
+
+def test_paths_and_sample_prompts_are_reported_together(tmp_path, capsys):
+    """One error before any model loads: a missing regularization folder and a bad prompt file at once."""
+    good_images(tmp_path / "data" / "1_shape")
+    (tmp_path / "p.txt").write_text("a red circle --w 0\n")
+    argv = folder_run(tmp_path, f'reg_data_dir = "{tmp_path / "noreg"}"\nsample_prompts = "{tmp_path / "p.txt"}"\n'
+                                "sample_every_n_epochs = 1\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s) found before training" in err and "noreg" in err and "--w 0" in err, err

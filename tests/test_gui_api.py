@@ -128,7 +128,7 @@ def test_saved_toml_is_what_the_cli_loads(tmp_path, tiny_arch):
 
 def test_invalid_values_name_the_field_and_write_nothing(tmp_path, tiny_arch):
     values = style_values(tmp_path, network_dim=0)
-    with pytest.raises(ConfigError, match=r"network_dim = 0 is outside \[1, 4096\]"):
+    with pytest.raises(ConfigError, match=r"network_dim = 0 is outside \[1, 1000000\]"):
         save_settings(values, tmp_path / "bad.toml", tiny_arch.conv_layers)
     assert not (tmp_path / "bad.toml").exists()
     assert to_toml({"a": [1, 2.5], "b": True, "c": "x\ny"}) == 'a = [1, 2.5]\nb = true\nc = "x\\ny"\n'

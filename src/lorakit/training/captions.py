@@ -146,6 +146,12 @@ def parse_prompt_line(line: str, defaults: SamplePrompt | None = None) -> Sample
             what = {int: "whole number", float: "number"}.get(kind, str(e) or "value")
             raise ValueError(f"prompt option --{key} needs a {what}, got {value.strip()!r}: {line!r}") from None
     values["steps"] = max(1, min(1000, values["steps"]))
+    for key, name in (("w", "width"), ("h", "height")):
+        if values[name] < 8:  # kohya would render a 64-px image whatever was asked; say it instead
+            raise ValueError(f"prompt option --{key} {values[name]} is below 8 pixels: {line!r}")
+        values[name] -= values[name] % 8  # the VAE works in 8-pixel cells (kohya rounds down the same way)
+    if not math.isfinite(values["scale"]):
+        raise ValueError(f"prompt option --l needs a finite number, got {values['scale']}: {line!r}")
     return SamplePrompt(**values)
 
 

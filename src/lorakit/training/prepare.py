@@ -7,8 +7,29 @@ from lorakit.models.checkpoint import FAMILY_NAMES, BaseModel, load_base_model
 from lorakit.training.captions import SamplePrompt
 from lorakit.training.config import ConfigError, TrainConfig
 from lorakit.training.dataset import DatasetReport, load_specs, scan, subset_defaults
+from lorakit.training.paths import path_problems
 from lorakit.training.precision import choose, precision_problems
 from lorakit.training.sampling import SamplePromptError, check_sampler, load_sample_prompts
+
+
+def preflight(config: TrainConfig) -> tuple[list, DatasetReport, list[SamplePrompt]]:
+    """Paths, dataset and sample prompts, checked together before any model loads: one error lists them all."""
+    problems = path_problems(config)
+    specs, report, prompts = [], DatasetReport(), []
+    if not problems:  # the dataset is only read once its paths exist
+        try:
+            specs, report = prepare_dataset(config)
+        except ConfigError as e:
+            problems.append(str(e))
+    if not any(p.startswith("sample_prompts") for p in problems):
+        try:
+            prompts = prepare_samples(config)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) found before training:\n" +
+                          "\n".join(f"  - {p}" for p in problems))
+    return specs, report, prompts
 
 
 def prepare_dataset(config: TrainConfig) -> tuple[list, DatasetReport]:

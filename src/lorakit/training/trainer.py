@@ -35,10 +35,9 @@ from lorakit.training.monitor import Monitor
 from lorakit.training.optim import apply_max_norm, make_optimizer, make_scheduler, resolve_warmup, schedule_options
 from lorakit.training.outputs import (StopRequest, TrainingInterrupted, TrainingStopped, epoch_file_stem, removed_epoch,
                                       removed_step, save_lora, step_file_stem)
-from lorakit.training.paths import path_problems
 from lorakit.training.precision import (apply_release, cast_adapters, choose, deterministic_captions, make_scaler,
                                        release_plan, to_fp8)
-from lorakit.training.prepare import prepare_base, prepare_dataset, prepare_samples
+from lorakit.training.prepare import prepare_base, preflight
 from lorakit.training.sampling import render_samples
 from lorakit.training.state import Progress, load_state, save_state
 from lorakit.training.text_encoding import encode_text, encode_text_sdxl
@@ -120,12 +119,7 @@ def per_sample_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor, 
 class Trainer:
     def __init__(self, config: TrainConfig, device: str | torch.device | None = None):
         self.config = config
-        problems = path_problems(config)  # every named path, before anything is read or loaded
-        if problems:
-            raise ConfigError(f"{len(problems)} problem(s) with the config's paths:\n" +
-                              "\n".join(f"  - {p}" for p in problems))
-        self.specs, self.report = prepare_dataset(config)  # cheap checks first
-        self.prompts = prepare_samples(config)
+        self.specs, self.report, self.prompts = preflight(config)  # every cheap check, before any model loads
         self.procs = Processes(device)
         self.device = self.procs.device
         self.tell([f"skipped: {p}" for p in self.report.problems] + [f"note: {n}" for n in self.report.notes])
