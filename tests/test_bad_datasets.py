@@ -187,3 +187,22 @@ def test_paths_and_sample_prompts_are_reported_together(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "2 problem(s) found before training" in err and "noreg" in err and "--w 0" in err, err
+
+
+def test_a_single_file_whose_text_encoder_cannot_be_built_is_one_line(tmp_path, capsys):
+    """An SD-looking file with a damaged text encoder (one attention weight of the wrong width)."""
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.models.tiny import build_components
+    from lorakit.models.checkpoint import save_single_file
+
+    unet, vae, text_encoder = build_components(0)
+    path = save_single_file(tmp_path / "m.safetensors", "sd1", unet, vae, [text_encoder])
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.weight"))
+    tensors[key] = tensors[key][:, :-1].contiguous()  # 32 -> 31 inputs: no CLIP config fits
+    save_file(tensors, str(path))
+    good_images(tmp_path / "data" / "1_shape")
+    assert main(folder_run(tmp_path, f'pretrained_model_name_or_path = "{path}"\n')) == 2
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("lorakit train: error:"))
+    assert "m.safetensors: could not be loaded as SD1.x" in line and "q_proj.weight" in line, line
