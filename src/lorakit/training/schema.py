@@ -121,8 +121,9 @@ class TrainConfig:
     fp8_base: bool = opt(False, "frozen U-Net and text-encoder Linear/Conv weights in float8 (CUDA only)")
     fp8_base_unet: bool = opt(False, "frozen U-Net Linear/Conv weights in float8 (CUDA only)")
     torch_compile: bool = opt(False, "torch.compile the U-Net (speed only; the first steps compile)")
-    dynamo_backend: str = opt("inductor", "torch.compile backend for torch_compile",
-                              choices=("inductor", "aot_eager", "eager", "cudagraphs"))
+    dynamo_backend: str = opt("inductor", "torch.compile backend for torch_compile; \"no\" (accelerate's and "
+                                          "kohya_ss's word for off) compiles nothing",
+                              choices=("no", "inductor", "aot_eager", "eager", "cudagraphs"))
     seed: int = opt(42, "random seed", lo=0)
     # ---- noise, timesteps and loss ----
     noise_offset: float = opt(0.0, "noise offset", lo=0.0, hi=1.0)

@@ -281,7 +281,7 @@ class Trainer:
             progress = load_state(cfg.resume, self.network, optimizer, scheduler, cfg.settings(), self.scaler)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        if cfg.torch_compile:  # speed only: the same math, traced through the adapters' forwards
+        if cfg.torch_compile and cfg.dynamo_backend != "no":  # speed only: the same math, traced through the adapters' forwards
             self.step_unet = torch.compile(self.unet, backend=cfg.dynamo_backend)
         self.unet.train(), self.network.train()
         monitor = Monitor(self.out / f"{cfg.output_name}-history.json", cfg.logging_dir, resume_step=progress.step,
