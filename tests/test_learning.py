@@ -34,7 +34,9 @@ def test_loss_falls_and_samples_move_towards_the_style(tmp_path, conv_dim):
     trainer.network.set_multiplier(0.0)
     before = style_of_samples(pipe, prompts)
     trainer.network.set_multiplier(1.0)
+    vae, text_encoder = pipe.vae, pipe.text_encoder  # the run releases them after caching; kept here to render
     result = trainer.run()
+    pipe.vae, pipe.text_encoder = vae, text_encoder
     losses = np.array(result.losses)
     assert len(losses) == 60
     assert losses[-15:].mean() < 0.8 * losses[:15].mean(), losses
