@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from lorakit.evaluation import diagnose, metrics
-from lorakit.evaluation.grid import Axis, Cell, GridError, GridSpec, Renderer, render_grid, with_baseline
+from lorakit.evaluation.grid import (Axis, Cell, GridError, GridSpec, Renderer, compose, label_font, layout, page_title,
+                                     render_grid, with_baseline, wrap)
 from lorakit.evaluation.runs import EvalPlan, epoch_files
 from lorakit.evaluation.sweep import Variant, parse_axis, run_sweep, variants
 from lorakit.models import shapes, styles
@@ -96,11 +97,50 @@ def test_grid_layout_cells_labels_and_json(tiny_folder, tmp_path):
     cell = next(c for c in meta["cells"] if c["x"] == 2 and c["y"] == 1)
     assert cell["seed"] == 3 and cell["cfg"] == 4.0 and (tmp_path / cell["file"]).is_file()
     sheet = Image.open(tmp_path / "grid.png")
-    assert sheet.width >= 3 * 128 and sheet.height >= 2 * 128  # 64 px cells enlarged x2, plus labels
+    plan = layout((64, 64), 3, [spec.x.label(v) for v in spec.x.values], [spec.y.label(v) for v in spec.y.values],
+                  spec.cell.prompt)
+    assert plan.scale == 3 and plan.cell == (192, 192) and sheet.size == plan.size  # 64 px cells enlarged x3
+    tile = Image.open(tmp_path / cell["file"]).resize((192, 192), Image.NEAREST)
+    x, y = plan.origin(2, 1)
+    assert np.array_equal(np.asarray(sheet.crop((x, y, x + 192, y + 192))), np.asarray(tile))
     assert json.loads((tmp_path / "grid.json").read_text())["axes"]["x"] == {"name": "seed", "values": [1, 2, 3]}
     # a cell is the same image as generated alone
     alone = Renderer(str(tiny_folder)).image(Cell(prompt=spec.cell.prompt, steps=2, seed=3, cfg=4.0))
     assert np.array_equal(np.asarray(Image.open(tmp_path / cell["file"])), alone)
+
+
+def test_grid_labels_wrap_whole_and_a_prompt_axis_gets_no_title_row():
+    font = label_font()
+    name = "conv_dim-8_conv_alpha-4_network_dim-16_network_alpha-8"
+    lines = wrap(name, font, 120)
+    assert len(lines) > 1 and "".join(lines) == name  # broken after _ or -, never cut
+    assert all(font.getlength(line) <= 120 for line in lines)
+    prompt = "a red circle on a blue background, center"
+    assert " ".join(wrap(prompt, font, 100)) == prompt
+    assert "".join(wrap("x" * 50, font, 60)) == "x" * 50  # one long word: broken inside, nothing lost
+    cell = Cell(prompt=prompt)
+    assert page_title(GridSpec(cell, x=Axis("lora", ["none"]), y=Axis("prompt", [prompt, "a cat"])), 0) == ""
+    assert page_title(GridSpec(cell, x=Axis("seed", [1, 2])), 0) == prompt
+
+
+def test_grid_sheet_enlarges_small_cells_and_sizes_the_prompt_column_to_them():
+    rng = np.random.default_rng(0)
+    images = [[rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2)] for _ in range(2)]
+    prompts = ["a red circle on a blue background, center, with a long tail of words", "a cat"]
+    x_labels = ["no LoRA", "conv_dim-8_conv_alpha-4_network_dim-16"]
+    sheet = compose(images, x_labels, prompts)
+    plan = layout((64, 64), 2, x_labels, prompts)
+    assert sheet.size == plan.size and plan.cell == (192, 192) and plan.title == []
+    assert plan.left <= 192 + 16  # the prompt column is no wider than a cell
+    assert plan.x_lines[1] == ["conv_dim-8_conv_alpha-4_", "network_dim-16"]
+    assert " ".join(plan.y_lines[0]) == prompts[0]
+    for j, row in enumerate(images):
+        for i, image in enumerate(row):
+            x, y = plan.origin(i, j)
+            enlarged = np.asarray(Image.fromarray(image).resize((192, 192), Image.NEAREST))
+            assert np.array_equal(np.asarray(sheet.crop((x, y, x + 192, y + 192))), enlarged)
+    big = layout((512, 512), 1, ["a"], None)
+    assert big.scale == 1 and big.cell == (512, 512)  # full-size images are not enlarged
 
 
 def test_sweep_variants_resolve_relative_alphas_and_drop_conv_settings_without_conv():

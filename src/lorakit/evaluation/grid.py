@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -151,35 +152,98 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def compose(images: list[list[np.ndarray]], x_labels: list[str], y_labels: list[str] | None,
-            title: str = "", min_cell: int = 128) -> Image.Image:
-    """Rows of equally sized images -> one labelled sheet; small images are enlarged by whole factors so
-    pixels stay sharp and labels stay legible."""
-    h, w = images[0][0].shape[:2]
+BREAKS = re.compile(r"[^ _,/-]+[ _,/-]*|[ _,/-]+")  # a piece ends after a space, _ , / or -
+LINE = 18  # px per label line at the 14 px font
+GAP = 4  # px between cells, so neighbours read as separate images
+
+
+def wrap(text: str, font, width: int) -> list[str]:
+    """Lines no wider than `width` px holding every character of `text` (spaces at a break dropped): break
+    after a space, `_`, `,`, `/` or `-`, and inside a piece only when the piece alone is wider. Never cut."""
+    lines, line = [], ""
+    for piece in BREAKS.findall(text):
+        if font.getlength((line + piece).rstrip()) <= width:
+            line += piece
+            continue
+        if line.strip():
+            lines.append(line.rstrip())
+        line = ""
+        for char in piece:
+            if line and font.getlength(line + char) > width:
+                lines.append(line)
+                line = ""
+            line += char.lstrip() if not line else char
+    if line.strip() or not lines:
+        lines.append(line.rstrip())
+    return lines
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything goes on a sheet: cell (i, j)'s top-left corner is `origin(i, j)`."""
+    scale: int  # whole-number nearest-neighbour enlargement of every image
+    cell: tuple[int, int]  # (width, height) of one enlarged image
+    left: int  # width of the row-label column (plus margins)
+    top: int  # height of the title and column-label band
+    row_height: int  # the cell height, or more where a row label needs more lines
+    size: tuple[int, int]  # the sheet
+    title: list[str]
+    x_lines: list[list[str]]
+    y_lines: list[list[str]]
+
+    def origin(self, i: int, j: int) -> tuple[int, int]:
+        return self.left + i * (self.cell[0] + GAP), self.top + j * (self.row_height + GAP)
+
+
+def layout(image_size: tuple[int, int], columns: int, x_labels: list[str], y_labels: list[str] | None,
+           title: str = "", min_cell: int = 192, font=None) -> Layout:
+    """image_size: (height, width) of each image. Small images are enlarged by a whole factor to at least
+    `min_cell` px; labels wrap to their cell's width, row labels to a column no wider than a cell."""
+    font = font or label_font()
+    h, w = image_size
     scale = max(1, -(-min_cell // max(h, w)))
     cw, ch = w * scale, h * scale
-    font = ImageFont.load_default(size=14)
-    left = max((int(font.getlength(s)) for s in y_labels), default=0) + 16 if y_labels else 8
-    top = 28 + (24 if title else 0)
-    sheet = Image.new("RGB", (left + cw * len(images[0]) + 8, top + ch * len(images) + 8), "white")
+    x_lines = [wrap(label, font, cw - 8) for label in x_labels]
+    y_lines = []
+    if y_labels:
+        column = min(max(int(font.getlength(s)) for s in y_labels), cw)
+        y_lines = [wrap(label, font, column) for label in y_labels]
+    left = column + 16 if y_labels else 8
+    row_height = max([ch] + [len(lines) * LINE for lines in y_lines])
+    rows = max(len(y_lines), 1)
+    width = left + columns * (cw + GAP) + 4
+    title_lines = wrap(title, font, width - 16) if title else []
+    top = 8 + LINE * len(title_lines) + (6 if title_lines else 0) + LINE * max(len(x) for x in x_lines) + 4
+    return Layout(scale, (cw, ch), left, top, row_height, (width, top + rows * (row_height + GAP) + 4),
+                  title_lines, x_lines, y_lines)
+
+
+def label_font():
+    return ImageFont.load_default(size=14)
+
+
+def compose(images: list[list[np.ndarray]], x_labels: list[str], y_labels: list[str] | None,
+            title: str = "", min_cell: int = 192) -> Image.Image:
+    """Rows of equally sized images -> one labelled sheet; small images are enlarged by whole factors so
+    pixels stay sharp and a cell is large enough to judge; every label is shown whole (wrapped)."""
+    font = label_font()
+    plan = layout(images[0][0].shape[:2], len(images[0]), x_labels, y_labels, title, min_cell, font)
+    sheet = Image.new("RGB", plan.size, "white")
     draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((8, 6), title, fill="black", font=font)
-    for i, label in enumerate(x_labels):
-        draw.text((left + i * cw + 4, top - 22), _fit(label, font, cw - 8), fill="black", font=font)
+    for n, line in enumerate(plan.title):
+        draw.text((8, 6 + n * LINE), line, fill="black", font=font)
+    label_top = plan.top - 4 - LINE * max(len(x) for x in plan.x_lines)
+    for i, lines in enumerate(plan.x_lines):
+        for n, line in enumerate(lines):
+            draw.text((plan.origin(i, 0)[0] + 4, label_top + n * LINE), line, fill="black", font=font)
     for j, row in enumerate(images):
-        if y_labels:
-            draw.text((8, top + j * ch + ch // 2 - 8), y_labels[j], fill="black", font=font)
+        y = plan.origin(0, j)[1]
+        for n, line in enumerate(plan.y_lines[j] if plan.y_lines else []):
+            draw.text((8, y + n * LINE), line, fill="black", font=font)
         for i, image in enumerate(row):
-            tile = Image.fromarray(image).resize((cw, ch), Image.NEAREST)
-            sheet.paste(tile, (left + i * cw, top + j * ch))
+            tile = Image.fromarray(image).resize(plan.cell, Image.NEAREST)
+            sheet.paste(tile, plan.origin(i, j))
     return sheet
-
-
-def _fit(text: str, font, width: int) -> str:
-    while text and font.getlength(text) > width:
-        text = text[:-2] + "…" if len(text) > 2 else ""
-    return text
 
 
 def check_output_folder(out_dir: str | Path) -> Path:
@@ -206,7 +270,7 @@ def render_grid(renderer: Renderer, spec: GridSpec, out_dir: str | Path, progres
             progress(1)
     renderer.close()
     for k, sheet in enumerate(sheets):
-        title = spec.z.label(spec.z.values[k]) if spec.z else spec.cell.prompt
+        title = page_title(spec, k)
         page = compose(sheet, [spec.x.label(v) for v in spec.x.values],
                        [spec.y.label(v) for v in spec.y.values] if spec.y else None, title)
         name = "grid.png" if z_count == 1 else f"grid_z{k}.png"
@@ -217,6 +281,14 @@ def render_grid(renderer: Renderer, spec: GridSpec, out_dir: str | Path, progres
             "defaults": spec.cell.__dict__, "pages": pages, "cells": cells}
     atomic_write(out / "grid.json", json.dumps(meta, indent=1))
     return meta
+
+
+def page_title(spec: GridSpec, k: int) -> str:
+    """The Z value, else the prompt every cell shares; none when the prompt is an axis (a title would
+    repeat the first row's label)."""
+    if spec.z:
+        return spec.z.label(spec.z.values[k])
+    return "" if "prompt" in (spec.x.name, spec.y.name if spec.y else "") else spec.cell.prompt
 
 
 def with_baseline(axis: Axis) -> Axis:
