@@ -43,7 +43,7 @@ def test_interrupted_then_resumed_run_equals_an_unbroken_run(tiny_folder, images
         trainer.run()
     assert stopped.value.lora.is_file() and (stopped.value.state_dir / "state.pt").is_file()
     done = int(read_safetensors(stopped.value.lora)[1]["ss_steps"])
-    assert stopped.value.lora.name == f"t-step{done:06d}.safetensors" and done == (4 if accumulate == 1 else 3)
+    assert stopped.value.lora.name == f"t-step{done:08d}.safetensors" and done == (4 if accumulate == 1 else 3)
     resumed = Trainer(train_config(tiny_folder, images, tmp_path / "b", resume=str(stopped.value.state_dir),
                                    **settings)).run()
     assert resumed.steps == unbroken.steps

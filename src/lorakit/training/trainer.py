@@ -456,7 +456,7 @@ class Trainer:
 
     def interrupt(self, progress: Progress, signal_name: str) -> None:
         run = self.run_state
-        stem = f"{self.config.output_name}-step{progress.step:06d}"
+        stem = step_file_stem(self.config.output_name, progress.step)
         path = self.save(stem, progress)
         if self.procs.is_main:
             save_state(self.state_dir, self.network, run.optimizer, run.scheduler, progress, self.config.settings(),
