@@ -254,4 +254,4 @@ def test_report_command_for_one_finished_run(tiny_folder, images, tmp_path, caps
     printed = capsys.readouterr().out
     assert "best epoch" in printed and (out / "report.html").is_file()
     page = (out / "report.html").read_text()
-    assert "lorakit run: t" in page and "training loss" in page and "‖ΔW‖ per block" in page
+    assert "lorakit run: t" in page and "train (smoothed)" in page and "‖ΔW‖ per block" in page

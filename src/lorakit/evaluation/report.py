@@ -11,8 +11,11 @@ from pathlib import Path
 
 from lorakit.formats.atomic import atomic_write
 
+DOTS = 40  # a line series with at most this many points also marks each point
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
-STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
+STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1700px;color:#222}
+.side{display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap}.side>div{flex:0 1 600px;min-width:360px}
+.side>div.wide{flex:1 1 0;min-width:min(100%,640px)}.findings{max-width:640px;background:#f6f8fa;padding:4px 12px;border-left:4px solid #888}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}.v-overfit{color:#b00}.v-underfit{color:#a60}
 .v-good{color:#070}.v-style{color:#a0a}img{image-rendering:pixelated;max-width:100%}svg{background:#fafafa}"""
@@ -47,6 +50,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, width: 
         colour = COLOURS[n % len(COLOURS)]
         coords = " ".join(f"{a:.1f},{b:.1f}" for a, b in map(xy, pts))
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
+        if len(pts) <= DOTS:  # sparse series (validation every epoch) show each measurement
+            parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}"/>' for a, b in map(xy, pts)]
         parts.append(f'<text x="{width - pad}" y="{30 + 14 * n}" font-size="11" fill="{colour}" '
                      f'text-anchor="end">{html.escape(name)}</text>')
     return "".join(parts) + "</svg>"
@@ -89,12 +94,28 @@ def table(rows: list[dict], columns: list[str], fmt: str = "{:.4g}") -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def verdict_list(verdicts: list[dict]) -> str:
-    items = []
-    for v in verdicts:
-        css = "v-" + v["kind"].split()[0]
-        items.append(f'<li><b class="{css}">{html.escape(v["kind"])}</b>: {html.escape(v["line"])}</li>')
-    return "<ul>" + "".join(items) + "</ul>"
+def verdict_table(rows: list[dict]) -> str:
+    """rows: {"variant", "epoch", "why", "verdicts": [{"kind", "line"}]}: one row per variant, its verdicts
+    (the word coloured by kind) with their numbers."""
+    body = []
+    for row in rows:
+        verdicts = "".join(f'<div><b class="v-{html.escape(v["kind"].split()[0])}">{html.escape(v["kind"])}</b>: '
+                           f'{html.escape(v["line"])}</div>' for v in row["verdicts"])
+        body.append(f'<tr><td class="l">{html.escape(row["variant"])}</td><td>{row["epoch"]}</td>'
+                    f'<td class="l">{verdicts}<div><small>{html.escape(row["why"])}</small></div></td></tr>')
+    return ('<table class="verdicts"><tr><th class="l">variant</th><th>best epoch</th><th class="l">verdict at '
+            f'the best epoch</th></tr>{"".join(body)}</table>')
+
+
+def side_by_side(left: str, right: str) -> str:
+    """Two blocks next to each other on a wide screen (the right one takes the remaining width), stacked
+    on a narrow one."""
+    return f'<div class="side"><div>{left}</div><div class="wide">{right}</div></div>'
+
+
+def paragraphs(text: str) -> str:
+    """Plain text (blank lines between paragraphs) as escaped HTML."""
+    return "".join(f"<p>{html.escape(p.strip())}</p>" for p in text.split("\n\n") if p.strip())
 
 
 def write_report(path: str | Path, title: str, sections: list[tuple[str, str]]) -> Path:
