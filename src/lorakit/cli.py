@@ -95,8 +95,13 @@ def _cmd_sweep(args, extra: list[str]) -> int:
 
     base = read_config_values(args.config) if args.config else {}
     base.update(parse_overrides(extra))
+    from lorakit.models.checkpoint import native_resolution
+    from lorakit.training.dataset import as_size
+
+    size = as_size(base["resolution"])[0] if base.get("resolution") else \
+        native_resolution(base.get("pretrained_model_name_or_path"))  # unset: the model's native size, as train
     plan = EvalPlan(prompts=args.prompt, unrelated=args.unrelated, seeds=list(range(args.seeds)),
-                    steps=args.steps, size=int(base.get("resolution", 64)))
+                    steps=args.steps, size=size)
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
     summary = run_sweep(base, [parse_axis(a) for a in args.axis], args.out, plan, devices)
     for e in summary["evaluations"]:

@@ -270,3 +270,27 @@ def save_single_file(path: str | os.PathLike, family: str, unet, vae, text_encod
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     write_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in state.items()}, {**(metadata or {}), **arch})
     return Path(path)
+
+
+def native_resolution(name_or_path: str | os.PathLike | None = None) -> int:
+    """The base model's native image side in pixels: the U-Net's sample_size (its latent side) times the VAE's
+    scale factor (2 ** (levels - 1)). Read from configs or the file's header only, never the weights (a .ckpt
+    is read weights-only); 64 for the embedded tiny model, 512 for SD1.5, 1024 for SDXL."""
+    import json
+
+    if name_or_path is None:
+        from lorakit.models.tiny import embedded_model_dir
+
+        name_or_path = embedded_model_dir()
+    path = Path(name_or_path)
+    if path.is_dir():
+        unet, vae = (json.loads((path / part / "config.json").read_text()) for part in ("unet", "vae"))
+    else:
+        if path.suffix.lower() == ".safetensors":
+            header, metadata = _checked_header(path)
+            shapes = tensor_shapes(header)
+        else:
+            shapes, metadata = tensor_shapes(read_checkpoint(path)), {}
+        inferred = infer_configs(shapes, detect_family(shapes), hints_from_metadata(metadata))
+        unet, vae = inferred.unet, inferred.vae or {"block_out_channels": (0,) * 4}  # no VAE inside: SD's 8x
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)

@@ -201,7 +201,7 @@ def _assemble(values: dict, problems: list[str], notes: list[str]) -> TrainConfi
 def cross_field_problems(config: TrainConfig) -> list[str]:
     """Checks across keys of the training schema (each line names the keys and the fix)."""
     out = []
-    if len(config.resolution) not in (1, 2):
+    if config.resolution is not None and len(config.resolution) not in (1, 2):
         out.append(f"resolution = {config.resolution}: give one side (512) or \"W,H\" (512,768)")
     if config.min_bucket_reso > config.max_bucket_reso:
         out.append(f"min_bucket_reso = {config.min_bucket_reso} is above max_bucket_reso = "

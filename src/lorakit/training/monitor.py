@@ -1,6 +1,7 @@
 """What a run reports while it trains: TensorBoard scalars and a JSON history beside the LoRA files.
 
-TensorBoard (when `logging_dir` is set): loss, learning rate per group, and per block the norm of ΔW split
+TensorBoard (when `logging_dir` is set): loss, the held-out validation loss (`loss/validation`, when
+validation_split is set), learning rate per group, and per block the norm of ΔW split
 into attention/linear and conv layers (`dW_attention/IN04`, `dW_conv/OUT03`), the numbers that say which
 part learns and which bakes in. The history file (`{output_name}-history.json`) keeps the same numbers for
 lorakit's own report and diagnostics; it is rewritten atomically at each epoch end and, while steps run, at
@@ -22,7 +23,7 @@ class Monitor:
     def __init__(self, history_path: str | Path, logging_dir: str | Path | None = None, resume_step: int = 0,
                  total_steps: int | None = None, flush_every_s: float = 2.0, log_prefix: str | None = None):
         self.path = Path(history_path)
-        self.history = {"steps": [], "norms": [], "samples": []}
+        self.history = {"steps": [], "norms": [], "samples": [], "validation": []}
         old = {}
         if resume_step and self.path.is_file():  # keep what happened before the interruption, drop the rest
             old = json.loads(self.path.read_text())
@@ -59,6 +60,14 @@ class Monitor:
                 self.writer.add_scalar(f"dW_attention/{block}", parts["linear"], step)
                 if parts["conv"]:
                     self.writer.add_scalar(f"dW_conv/{block}", parts["conv"], step)
+
+    def validation(self, record: dict) -> None:
+        """record: {"step", "epoch", "loss", "kind" ("split" | "caption_only"), "images", "timesteps"}, as
+        training/validation.py computes it; TensorBoard tag loss/validation. Written out at once: it is rare."""
+        self.history["validation"].append(record)
+        if self.writer:
+            self.writer.add_scalar("loss/validation", record["loss"], record["step"])
+        self.flush()
 
     def samples(self, step: int, epoch: int, paths: list[Path]) -> None:
         self.history["samples"].append({"step": step, "epoch": epoch, "files": [p.name for p in paths]})

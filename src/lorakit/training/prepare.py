@@ -1,15 +1,32 @@
 """Before the first step: the dataset, the sample prompts and the base model, checked cheapest first."""
 from __future__ import annotations
 
+from copy import copy
+
 import torch
 
-from lorakit.models.checkpoint import FAMILY_NAMES, BaseModel, load_base_model
+from lorakit.models.checkpoint import FAMILY_NAMES, BaseModel, CheckpointError, load_base_model, native_resolution
 from lorakit.training.captions import SamplePrompt
 from lorakit.training.config import ConfigError, TrainConfig
 from lorakit.training.dataset import DatasetReport, load_specs, scan, subset_defaults
 from lorakit.training.paths import path_problems
 from lorakit.training.precision import choose, precision_problems
 from lorakit.training.sampling import SamplePromptError, check_sampler, load_sample_prompts
+
+
+def with_native_resolution(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """resolution unset = the base model's native size (read from its configs or header, not its weights);
+    a copy of the config with it set, and the note that says so. An unreadable model keeps it unset here:
+    preflight and the model load then name the real problem."""
+    if config.resolution is not None:
+        return config, []
+    try:
+        side = native_resolution(config.pretrained_model_name_or_path)
+    except (OSError, ValueError, KeyError, IndexError, CheckpointError):
+        side = 512  # only until the model load reports why the file cannot be read
+    resolved = copy(config)
+    resolved.resolution = [side, side]
+    return resolved, [f"resolution unset: the base model's native size, {side}x{side}"]
 
 
 def preflight(config: TrainConfig) -> tuple[list, DatasetReport, list[SamplePrompt]]:

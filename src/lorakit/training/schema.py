@@ -60,8 +60,10 @@ class TrainConfig:
     reg_data_dir: str | None = opt(None, "regularization images, `N_name` subfolders (their loss is weighted by "
                                          "prior_loss_weight)")
     dataset_config: str | None = opt(None, "kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]])")
-    resolution: list[int] = opt(None, 'training resolution: 512, or "W,H" as kohya', lo=8, hi=8192,
-                                factory=lambda: [512, 512])
+    resolution: list[int] | None = opt(None, 'training resolution: 512, or "W,H" as kohya; unset = the base '
+                                             "model's native size (U-Net sample_size x the VAE's scale factor: "
+                                             "64 for the embedded tiny model, 512 for SD1.5, 1024 for SDXL)",
+                                       lo=8, hi=8192)
     strict_dataset: bool = opt(False, "a file that cannot be used (corrupt, truncated, not an image) is an error "
                                       "instead of being skipped with a line saying so")
     train_batch_size: int = opt(1, "batch size", lo=1, hi=1024)
@@ -166,6 +168,19 @@ class TrainConfig:
     log_with: str = opt("tensorboard", "where logs go (lorakit writes TensorBoard)", choices=("tensorboard",))
     log_prefix: str | None = opt(None, "logs go to logging_dir/<log_prefix><YYYYmmddHHMMSS>, a folder per run "
                                        "as kohya (unset: straight into logging_dir)")
+    # ---- held-out validation (kohya's names) ----
+    validation_split: float = opt(0.0, "share of the training images held out for a validation loss (never trained "
+                                       "on, nor their repeats): the mean MSE over a fixed grid of timesteps with "
+                                       "fixed noise per image, so it compares across epochs and sweep variants; "
+                                       "0 = off. Under 4 images (or a split that holds out none): a caption-only "
+                                       "check instead (training images with unrelated captions)", lo=0.0, hi=0.9)
+    validation_seed: int | None = opt(None, "seed of the held-out split and of the validation noise (unset: seed)",
+                                      lo=0)
+    validate_every_n_steps: int | None = opt(None, "also compute the validation loss every N steps", lo=1)
+    validate_every_n_epochs: int | None = opt(None, "compute the validation loss every N epochs (unset: every "
+                                                    "epoch; the last step always)", lo=1)
+    max_validation_steps: int | None = opt(None, "at most this many held-out images per validation (unset: all)",
+                                           lo=1)
     save_state: bool = opt(False, "also save the training state with every saved file (for --resume)")
     resume: str | None = opt(None, "continue from a `<output_name>-state` folder (same losses as an unbroken run)")
 

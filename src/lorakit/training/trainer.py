@@ -37,10 +37,11 @@ from lorakit.training.outputs import (StopRequest, TrainingInterrupted, Training
                                       removed_step, save_lora, step_file_stem)
 from lorakit.training.precision import (apply_release, cast_adapters, choose, deterministic_captions, make_scaler,
                                        release_plan, to_fp8)
-from lorakit.training.prepare import prepare_base, preflight
+from lorakit.training.prepare import prepare_base, preflight, with_native_resolution
 from lorakit.training.sampling import render_samples
 from lorakit.training.state import Progress, load_state, save_state
 from lorakit.training.text_encoding import encode_text, encode_text_sdxl
+from lorakit.training.validation import Validation, split_items
 
 __all__ = ["Trainer", "TrainResult", "TrainingStopped", "TrainingInterrupted", "train"]
 
@@ -118,8 +119,12 @@ def per_sample_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor, 
 
 class Trainer:
     def __init__(self, config: TrainConfig, device: str | torch.device | None = None):
+        config, resolution_note = with_native_resolution(config)  # unset: the base model's native size
         self.config = config
         self.specs, self.report, self.prompts = preflight(config)  # every cheap check, before any model loads
+        self.report.notes[:0] = resolution_note
+        seed = config.seed if config.validation_seed is None else config.validation_seed
+        self.report.items, self.held_out = split_items(self.report, config.validation_split, seed)  # never trained
         self.procs = Processes(device)
         self.device = self.procs.device
         self.tell([f"skipped: {p}" for p in self.report.problems] + [f"note: {n}" for n in self.report.notes])
@@ -270,6 +275,7 @@ class Trainer:
                   disable=not self.procs.is_main) as bar:
             disk = (cfg.latent_cache_dir or self.out / "latent-cache") if cfg.cache_latents_to_disk else None
             cache = LatentCache.build(self.report.items, self.vae, progress=bar.update, disk=disk)
+        self.validation = Validation.prepare(self, self.held_out)  # encoded while the VAE is loaded
         self.release_frozen(cache)
         total = self.total_steps()
         optimizer = make_optimizer(cfg.optimizer_type, self.network.param_groups(
@@ -288,6 +294,8 @@ class Trainer:
                           total_steps=total, log_prefix=cfg.log_prefix) if self.procs.is_main else None
         result = TrainResult(losses=list(progress.losses), steps=progress.step, is_main=self.procs.is_main)
         self.run_state = RunState(optimizer, scheduler, progress, monitor, result)
+        if self.validation and progress.step == 0:  # the base model's value, which fitting is measured against
+            self.validation.run(self, 0, progress.epoch - 1)
         if cfg.sample_at_first and self.prompts and progress.step == 0:  # kohya names these epoch 0
             self.sample(f"{cfg.output_name}_e{0:06d}", progress)
         with StopRequest() as stop, tqdm(total=total, initial=progress.step, desc="training", unit="step",
@@ -340,6 +348,8 @@ class Trainer:
         optimizer, scheduler, monitor, result = run.optimizer, run.scheduler, run.monitor, run.result
         if monitor:
             monitor.norms(progress.step, progress.epoch, self.network.delta_norms())
+        if self.validation and self.validation.due(progress.step, progress.epoch, final=progress.step >= total):
+            self.validation.run(self, progress.step, progress.epoch)
         if progress.step >= total:
             return  # the final save follows
         if cfg.save_every_n_epochs and progress.epoch % cfg.save_every_n_epochs == 0:
@@ -399,6 +409,8 @@ class Trainer:
         the last step the final sample follows anyway), and every save_every_n_steps a file, the training state
         with save_state (so a killed run resumes from here), and the deletion of files past save_last_n_steps."""
         cfg, run = self.config, self.run_state
+        if self.validation and cfg.validate_every_n_steps and self.validation.due(progress.step):
+            self.validation.run(self, progress.step, progress.epoch)
         every = cfg.sample_every_n_steps
         if self.prompts and every and not cfg.sample_every_n_epochs and not final and progress.step % every == 0:
             self.sample(f"{cfg.output_name}_{progress.step:06d}", progress)

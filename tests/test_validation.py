@@ -1,0 +1,92 @@
+"""Held-out validation (kohya's validation_split & co.) and the native-resolution default, on tiny models."""
+import json
+import random
+
+import pytest
+import torch
+
+from lorakit.models import styles
+from lorakit.models.checkpoint import native_resolution, save_single_file
+from lorakit.models.tiny import build_components
+from lorakit.training.config import build_config, coerce
+from lorakit.training.dataset import load_specs, scan
+from lorakit.training.trainer import Trainer, TrainingInterrupted
+from lorakit.training.validation import KINDS, split_items, timestep_grid
+
+from test_training_run import interrupt_at
+
+
+@pytest.fixture(scope="module")
+def sepia(tmp_path_factory):
+    """8 sepia images (the demo's style) x 2 repeats: something the embedded model can learn in a few steps."""
+    return styles.write_style_dataset(tmp_path_factory.mktemp("sepia"), count=8, repeats=2, seed=0, style="sepia")
+
+
+def make(data, out, **kw) -> Trainer:
+    """The embedded tiny model (resolution unset: its native 64 px); 2 of 8 images held out, so an epoch is
+    6 images x 2 repeats = 3 steps of batch 4."""
+    values = dict(train_data_dir=str(data), train_batch_size=4, max_train_epochs=2, network_dim=8,
+                  network_alpha=8.0, learning_rate=3e-3, network_train_unet_only=True, seed=0,
+                  output_dir=str(out), output_name="v", validation_split=0.25)
+    values.update(kw)
+    return Trainer(build_config({k: v for k, v in values.items() if v is not None}))
+
+
+def run(data, out, **kw):
+    trainer = make(data, out, **kw)
+    return trainer, trainer.run()
+
+
+def history(out) -> dict:
+    return json.loads((out / "v-history.json").read_text())
+
+
+def test_timestep_grid_is_the_midpoints_of_equal_bins():
+    assert timestep_grid(0, 1000) == [100, 300, 500, 700, 900]
+    assert timestep_grid(200, 700) == [250, 350, 450, 550, 650]
+    assert timestep_grid(0, 3) == [0, 1, 2]  # fewer timesteps than points: each once
+
+
+def test_split_is_seeded_and_never_holds_out_regularization_images(sepia):
+    report = scan(load_specs(sepia, resolution=64)[0])
+    paths = lambda held: sorted(i.path.name for i in held.items)  # noqa: E731
+    kept, held = split_items(report, 0.25, seed=7)
+    again = split_items(scan(load_specs(sepia, resolution=64)[0]), 0.25, seed=7)[1]
+    expected = sorted(f"{n:03d}.png" for n in random.Random(7).sample(range(8), 2))
+    assert held.kind == "split" and paths(held) == paths(again) == expected
+    assert {i.path.name for i in kept}.isdisjoint(paths(held)) and len(kept) == 6
+    assert held.captions == [i.caption for i in held.items]  # the captions as trained (no prefix here)
+    assert split_items(report, 0.0, 7) == (report.items, None)
+
+
+def test_validation_loss_identical_for_identical_weights_and_lower_after_fitting(sepia, tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:  # the optimizer does nothing: the weights never move, though every
+        patch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)  # step draws dropout masks
+        frozen, _ = run(sepia, tmp_path / "frozen", network_dropout=0.3, validate_every_n_steps=1)
+    losses = [r["loss"] for r in frozen.validation.records]
+    assert frozen.config.resolution == [64, 64]  # unset: the embedded model's native size
+    assert len(losses) == 7 and len(set(losses)) == 1  # steps 0..6 (the epoch ends, 3 and 6, among them)
+    fitted, result = run(sepia, tmp_path / "fitted")
+    records = history(tmp_path / "fitted")["validation"]
+    assert [(r["step"], r["epoch"]) for r in records] == [(0, 0), (3, 1), (6, 2)] and result.steps == 6
+    assert records[0]["loss"] == losses[0]  # same held-out set, grid and noise: the base model's value
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"]
+    held = {i.path for i in fitted.held_out.items}
+    assert len(held) == 2 and held.isdisjoint(i.path for i in fitted.report.items)
+    for r in records:
+        assert set(r) == {"step", "epoch", "loss", "kind", "images", "timesteps"}
+        assert r["kind"] == "split" and r["images"] == 2 and r["timesteps"] == timestep_grid(0, 1000)
+
+
+def test_validation_is_bit_identical_across_interrupt_and_resume(sepia, tmp_path):
+    settings = dict(max_train_epochs=3, validate_every_n_steps=2, network_dropout=0.2, save_state=True)
+    _, unbroken = run(sepia, tmp_path / "a", **settings)
+    trainer = make(sepia, tmp_path / "b", **settings)
+    interrupt_at(trainer, 2)  # during step 3, the last of epoch 1: its epoch-end validation runs after resuming
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.run()
+    _, resumed = run(sepia, tmp_path / "b", resume=str(stopped.value.state_dir), **settings)
+    assert resumed.losses == unbroken.losses
+    assert history(tmp_path / "b")["validation"] == history(tmp_path / "a")["validation"]
+    steps = [r["step"] for r in history(tmp_path / "a")["validation"]]
+    assert steps == [0, 2, 3, 4, 6, 8, 9]  # every 2 steps, every epoch end (3, 6, 9), never twice at one step
