@@ -162,6 +162,23 @@ def wait_for(condition, timeout=120.0, every=0.2):
     return False
 
 
+def test_resume_applies_only_to_a_state_its_run_did_not_finish(tmp_path):
+    manager = RunManager(Roots.of([tmp_path]))
+    out = tmp_path / "out"
+    (out / "gui-state").mkdir(parents=True)
+    history = out / "gui-history.json"
+    assert not manager.can_resume(str(out), "gui")  # no state.pt
+    (out / "gui-state" / "state.pt").write_bytes(b"saved")
+    assert manager.can_resume(str(out), "gui")  # a state and no history (killed before the first flush)
+    history.write_text(json.dumps({"total_steps": 8, "steps": [{"step": 5, "loss": 0.1}]}))
+    assert manager.can_resume(str(out), "gui")  # stopped at step 5 of 8
+    history.write_text(json.dumps({"total_steps": 8, "steps": [{"step": 8, "loss": 0.1}]}))
+    assert not manager.can_resume(str(out), "gui")  # the resumed run finished; the old state is stale
+    assert not manager.can_resume("/elsewhere", "gui") and not manager.can_resume(str(out), "other")
+    with pytest.raises(RuntimeError, match="nothing to resume"):
+        manager.start(style_values(tmp_path, output_dir=str(out)), 0, resume=True)
+
+
 def test_run_manager_starts_stops_and_resumes_a_real_training(tmp_path, tiny_arch):
     values = style_values(tmp_path, max_train_steps=400, train_batch_size=1, network_dim=4, network_alpha=2.0,
                           conv_dim=4, conv_alpha=2.0, sample_prompts="a red circle, sepia --s 2 --d 1")
@@ -185,6 +202,7 @@ def test_run_manager_starts_stops_and_resumes_a_real_training(tmp_path, tiny_arc
     assert manager.wait(180) == 0, manager.status().log_tail
     final = manager.status()
     assert final.state == "finished" and final.step == done + 2
+    assert not final.can_resume and not manager.can_resume(values["output_dir"], "gui")  # finished: Resume off
     assert [s for s, _ in final.losses] == list(range(1, done + 3))  # the history continues, no gap, no repeat
     assert final.samples and re.fullmatch(r"gui_e\d{6}_00_1\.png", final.samples[-1].name)  # the final sample
     assert (files.output_dir / "gui.safetensors").is_file()

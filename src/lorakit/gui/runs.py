@@ -51,7 +51,13 @@ class RunFiles:
         return [p for p in found if p.stat().st_mtime >= since]
 
     def can_resume(self) -> bool:
-        return (self.state_dir / "state.pt").is_file()
+        """A saved state the run did not finish from. A finished run (its history reached total_steps) leaves
+        nothing to resume, though the state it resumed from may still be on disk."""
+        if not (self.state_dir / "state.pt").is_file():
+            return False
+        history = _read_history(self.history)
+        steps, total = history.get("steps") or [], history.get("total_steps")
+        return not (steps and total and steps[-1]["step"] >= total)
 
 
 @dataclass
@@ -149,8 +155,8 @@ class RunManager:
             output_dir = self.roots.check(values.get("output_dir") or "output", "output folder")
             files = RunFiles(output_dir, str(values.get("output_name") or "lora"))
             if resume and not files.can_resume():
-                raise RuntimeError(f"nothing to resume: {files.state_dir} holds no saved state (a stopped run "
-                                   "saves one)")
+                raise RuntimeError(f"nothing to resume: {files.state_dir} holds no saved state of an unfinished "
+                                   "run (a stopped run saves one)")
             save_settings(values, files.toml, conv_layers, self.roots, preset)
             if not resume:  # a new run: progress and samples of an earlier run of that name are not its own
                 files.history.unlink(missing_ok=True)
@@ -166,6 +172,17 @@ class RunManager:
 
     def wait(self, timeout: float | None = None) -> int | None:
         return self.process.wait(timeout)
+
+    def can_resume(self, output_dir: str, output_name: str) -> bool:
+        """Whether Resume applies to the run these settings name: not while a run goes, and only from a
+        state that run did not finish."""
+        if self.running():
+            return False
+        try:
+            folder = self.roots.check(output_dir or "output", "output folder")
+        except ValueError:
+            return False
+        return RunFiles(folder, str(output_name or "lora")).can_resume()
 
     def status(self) -> RunStatus:
         files = self.files

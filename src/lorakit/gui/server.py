@@ -52,7 +52,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, roots: list[str] | None = N
     check_exposure(host, login, allow_unauthenticated_remote)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; the GUI works offline
     try:
-        from lorakit.gui.view import build_app
+        from lorakit.gui.view import CSS, build_app
     except ImportError as e:  # gradio is pinned in requirements-lock.txt; a bare `pip install lorakit` lacks it
         raise ValueError(f"the GUI needs gradio ({e}): pip install -r requirements-lock.txt") from None
 
@@ -62,5 +62,5 @@ def serve(host: str = "127.0.0.1", port: int = 7860, roots: list[str] | None = N
     app.queue(default_concurrency_limit=4)
     app.launch(server_name=host, server_port=port, auth=login, allowed_paths=[str(r) for r in allowed.folders],
                prevent_thread_lock=not block, ssr_mode=False, inbrowser=False, show_error=True,
-               footer_links=[], quiet=False)
+               footer_links=[], quiet=False, css=CSS)
     return app

@@ -112,48 +112,60 @@ class TrainTab:
         files = self.runs.start(values, self.architecture(values).conv_layers, resume=resume, preset=preset)
         return f"{'Resumed' if resume else 'Started'}: `lorakit train {files.toml}`"
 
-    def poll(self):
+    def poll(self, output_dir: str, output_name: str):
+        """Progress of the run; Resume is enabled only while the form's run has a state it did not finish."""
         status = self.runs.status()
         points = {"step": [s for s, _ in status.losses], "loss": [v for _, v in status.losses]}
         import pandas as pd  # gradio's plots take a DataFrame
 
-        return (f"**{status.line()}**", pd.DataFrame(points), [str(p) for p in status.samples], status.log_tail)
+        resumable = self.runs.can_resume(output_dir, output_name)
+        return (f"**{status.line()}**", pd.DataFrame(points), [str(p) for p in status.samples], status.log_tail,
+                gr.update(interactive=resumable))
 
     # ---- layout ---------------------------------------------------------------------------------
     def build(self) -> None:
+        """Settings on the left; on the right, sticky, what they produce: the estimate, the run controls,
+        progress, loss and samples (visible while any field is being edited)."""
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, elem_id="settings-column"):
+                preset, report, block_preset, fill = self.build_settings()
+                inputs = [self.fields[n] for n in self.names]
+                self.build_files(preset, inputs)
+            with gr.Column(scale=2, min_width=400, elem_id="run-panel", elem_classes=["run-panel"]):
+                estimate_md = gr.Markdown(elem_id="estimate")
+                with gr.Accordion("Modules per block", open=False):
+                    table = gr.Dataframe(headers=ESTIMATE_HEADERS, interactive=False)
+                self.build_run(preset, inputs)
+        conv_outputs = [self.fields[n] for n in CONV_FIELDS]
+        gr.on([c.change for c in inputs], self.refresh, inputs, [estimate_md, table] + conv_outputs,
+              trigger_mode="always_last")
+        preset.change(self.apply_preset, [preset], [self.why] + inputs)
+        fill.click(self.fill_block_dims, [block_preset] + inputs, inputs)
+        dataset = self.fields["train_data_dir"]
+        dataset.change(shown(lambda d, c, r: dataset_report(self.roots, d, c, r) if d else ""),
+                       [dataset, self.fields["caption_extension"], self.fields["resolution"]], [report])
+        self.page_load = (self.refresh, inputs, [estimate_md, table] + conv_outputs)
+
+    def build_settings(self):
         defaults = default_values()
         with gr.Row():
             preset = gr.Dropdown(choices=preset_choices(), value=CUSTOM_PRESET, label="Preset", elem_id="preset",
                                  info="starting values from the design brief; every field stays editable")
-            why = gr.Markdown(elem_id="preset-why")
+            self.why = gr.Markdown(elem_id="preset-why")
         for group in list(GROUPS) + [ADVANCED]:
             with gr.Accordion(group, open=group != ADVANCED):
                 for spec in (s for s in self.specs if s.group == group):
                     self.fields[spec.name] = component(spec, defaults[spec.name], self.roots)
                 if group == "Model and data":
                     report = gr.Textbox(label="Dataset check", lines=4, interactive=False, elem_id="dataset-report")
-                if group == "Network":  # the estimate sits beside the values it follows
-                    estimate_md = gr.Markdown(elem_id="estimate")
-                    with gr.Accordion("Modules per block", open=False):
-                        table = gr.Dataframe(headers=ESTIMATE_HEADERS, interactive=False)
                 if group == "Block dims":
                     with gr.Row():
                         block_preset = gr.Dropdown(choices=list(BLOCK_PRESETS), value="uniform",
                                                    label="Block dims preset")
                         fill = gr.Button("Fill block dims from preset")
-        inputs = [self.fields[n] for n in self.names]
-        conv_outputs = [self.fields[n] for n in CONV_FIELDS]
-        gr.on([c.change for c in inputs], self.refresh, inputs, [estimate_md, table] + conv_outputs,
-              trigger_mode="always_last")
-        preset.change(self.apply_preset, [preset], [why] + inputs)
-        fill.click(self.fill_block_dims, [block_preset] + inputs, inputs)
-        dataset = self.fields["train_data_dir"]
-        dataset.change(shown(lambda d, c, r: dataset_report(self.roots, d, c, r) if d else ""),
-                       [dataset, self.fields["caption_extension"], self.fields["resolution"]], [report])
-        self.build_files_and_run(preset, inputs)
-        self.page_load = (self.refresh, inputs, [estimate_md, table] + conv_outputs)
+        return preset, report, block_preset, fill
 
-    def build_files_and_run(self, preset, inputs) -> None:
+    def build_files(self, preset, inputs) -> None:
         with gr.Row():
             path = gr.Textbox(value=str(self.roots.folders[0] / "lorakit-train.toml"), label="Settings file (TOML)",
                               elem_id="settings-path", scale=3)
@@ -161,25 +173,35 @@ class TrainTab:
         message = gr.Markdown(elem_id="settings-message")
         save.click(shown(self.save), [path, preset] + inputs, [message])
         load.click(self.guarded_load, [path], [message, preset] + inputs)
+
+    def build_run(self, preset, inputs) -> None:
         with gr.Row():
             start = gr.Button("Start training", variant="primary", elem_id="start")
-            stop, resume = gr.Button("Stop", elem_id="stop"), gr.Button("Resume", elem_id="resume")
+            resume = gr.Button("Resume", elem_id="resume", interactive=False)
+            stop = gr.Button("Stop", elem_id="stop")
         run_message = gr.Markdown(elem_id="run-message")
         status = gr.Markdown(elem_id="run-status")
-        plot = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="loss-plot")
-        gallery = gr.Gallery(label="Samples", columns=6, elem_id="samples")
-        log = gr.Textbox(label="Log", lines=6, interactive=False, elem_id="run-log")
+        plot = gr.LinePlot(x="step", y="loss", label="Loss", elem_id="loss-plot", height=220)
+        gallery = gr.Gallery(label="Samples", columns=6, height=160, elem_id="samples")
+        log = gr.Textbox(label="Log", lines=4, interactive=False, elem_id="run-log")
         start.click(shown(self.start), [preset] + inputs, [run_message])
         resume.click(shown(lambda p, *a: self.start(p, *a, resume=True)), [preset] + inputs, [run_message])
         stop.click(shown(lambda: f"Stopped (exit code {self.runs.stop()}); Resume continues from the saved state"),
                    [], [run_message])
-        gr.Timer(1.0).tick(self.poll, [], [status, plot, gallery, log])
+        target = [self.fields["output_dir"], self.fields["output_name"]]
+        gr.Timer(1.0).tick(self.poll, target, [status, plot, gallery, log, resume])
 
     def guarded_load(self, path: str):
         try:
             return self.load(path)
         except (ValueError, OSError) as e:
             return [f"**Error:** {e}", gr.update()] + [gr.update() for _ in self.names]
+
+
+# the run panel stays in view while the settings column scrolls (gradio: launch(css=...)); gradio's container
+# clips with overflow:hidden, which makes it the sticky element's scroller: clip does not
+CSS = """.run-panel{position:sticky;top:0;align-self:flex-start;max-height:100vh;overflow-y:auto}
+.gradio-container{overflow:clip !important}"""
 
 
 def build_app(roots: Roots) -> gr.Blocks:

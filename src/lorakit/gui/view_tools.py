@@ -31,16 +31,18 @@ def shown(fn):
 
 def evaluate_tab(roots: Roots, train) -> None:
     with gr.Accordion("Grid: a LoRA against the base model", open=True):
-        prompt = gr.Textbox(label="Prompt", value="a red circle on a white background")
-        loras = gr.Textbox(label="LoRA files", lines=2, info="one per line; several make the grid's axis")
+        prompt = gr.Textbox(label="Prompt", value="a red circle on a white background", elem_id="grid-prompt")
+        loras = gr.Textbox(label="LoRA files", lines=2, info="one per line; several make the grid's axis",
+                           elem_id="grid-loras")
         axis = gr.Textbox(label="Axis", info="empty: the LoRA files; or name=v1,v2 (multiplier, seed, steps, cfg, "
                                              "blocks, prompt with | between prompts)")
         with gr.Row():
             out = gr.Textbox(label="Grid folder", value=str(roots.folders[0] / "grid"))
-            steps = gr.Number(label="Steps", value=20, minimum=1, maximum=200, precision=0)
+            steps = gr.Number(label="Steps", value=20, minimum=1, maximum=200, precision=0, elem_id="grid-steps")
             seed = gr.Number(label="Seed", value=0, minimum=0, precision=0)
         base = gr.Textbox(label="Base model", info="empty: the embedded tiny model")
-        go, message, image = gr.Button("Render grid"), gr.Markdown(), gr.Image(label="Grid", type="filepath")
+        go, message = gr.Button("Render grid", elem_id="grid-render"), gr.Markdown(elem_id="grid-message")
+        image = gr.Image(label="Grid", type="filepath", elem_id="grid-image")
         go.click(lambda *a: _grid(roots, *a), [prompt, loras, axis, out, base, steps, seed], [message, image])
     with gr.Accordion("Diagnostics report of a finished run", open=False):
         run_dir = gr.Textbox(label="Run folder (output_dir)")
@@ -92,8 +94,9 @@ def _sweep_status(job):
 
 def tools_tab(roots: Roots) -> None:
     with gr.Accordion("Inspect a LoRA or checkpoint", open=True):
-        path, modules = gr.Textbox(label="File"), gr.Checkbox(label="List every module")
-        go, out = gr.Button("Inspect"), gr.Textbox(label="Report", lines=12, interactive=False)
+        path, modules = gr.Textbox(label="File", elem_id="inspect-file"), gr.Checkbox(label="List every module")
+        go = gr.Button("Inspect", elem_id="inspect-go")
+        out = gr.Textbox(label="Report", lines=12, interactive=False, elem_id="inspect-report")
         go.click(shown(lambda p, m: actions.inspect_report(roots, p, m)), [path, modules], [out])
     with gr.Accordion("Resize (SVD to a lower rank, same strength)", open=False):
         src, dst = gr.Textbox(label="Input LoRA"), gr.Textbox(label="Output file")
