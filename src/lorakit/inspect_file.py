@@ -66,7 +66,8 @@ def inspect_file(path: str | os.PathLike) -> dict:
         "num_parameters": sum(t.numel() for k, t in tensors.items() if not k.endswith(".alpha")),
         "components": dict(Counter(m["component"] for m in modules)),
         "kinds": dict(Counter(m["kind"] for m in modules)),
-        "blocks": _block_summary(modules, family),
+        "blocks": _block_summary([m for m in modules if m["kind"] != "norm"], family),
+        "norm_deltas": dict(Counter(m["block"] or m["component"] for m in modules if m["kind"] == "norm")),
         "hash": {"stored": stored, "computed": computed, "matches": None if stored is None else stored == computed},
         "metadata": {k: _maybe_json(v) for k, v in sorted(metadata.items())},
         "modules": modules,
@@ -109,6 +110,8 @@ def format_checkpoint_report(report: dict) -> str:
 
 def _describe(parsed, family: str) -> dict:
     w, name, algo = parsed.weights, parsed.name, parsed.algo.name
+    if algo == "norm":
+        return _describe_norm(parsed, family)
     if algo == "lora":
         rank, ref = w["down"].shape[0], w["down"]
         kind = _kind_from_shape(ref.shape) if "mid" not in w else f"conv{w['mid'].shape[2]}x{w['mid'].shape[3]}"
@@ -132,7 +135,18 @@ def _describe(parsed, family: str) -> dict:
             "shapes": {parsed.algo.file_keys[k]: list(v.shape) for k, v in w.items()}}
 
 
-ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+def _describe_norm(parsed, family: str) -> dict:
+    """A train_norm delta: no rank, no alpha (loaders apply it at scale 1); ‖·‖ over w_norm and b_norm."""
+    component, block = _component_and_block(parsed.name, family)
+    bad = nonfinite_tensors(parsed)
+    norm = None if bad else float(torch.cat([v.double().reshape(-1) for v in parsed.weights.values()]).norm())
+    return {"name": parsed.name, "algo": "norm", "label": ALGO_NAMES["norm"], "dora_axis": None,
+            "dora_source": None, "kind": "norm", "rank": "-", "alpha": None, "scale": 1.0,
+            "component": component, "block": block, "norm": norm, "effective_rank": None, "tucker": False,
+            "nonfinite": bad, "shapes": {parsed.algo.file_keys[k]: list(v.shape) for k, v in parsed.weights.items()}}
+
+
+ALGO_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "norm": "Norm (train_norm)"}
 # how each DoRA layout is written, and which loaders compute it differently from the model that was trained
 DORA_LOADER_NOTES = {
     "output": "A1111 normalises every dora_scale per input column, so it computes these modules wrong; ComfyUI's "
@@ -248,7 +262,11 @@ def format_report(report: dict, show_modules: bool = False) -> str:
                          "convert refuse this file")
     for warning in report.get("warnings", []):
         lines.append(f"WARNING     {warning}")
-    ranks = Counter((m["kind"], m["rank"], m["alpha"]) for m in report["modules"])
+    norms = sum(report.get("norm_deltas", {}).values())
+    if norms:
+        lines.append(f"norm deltas {norms} GroupNorm/LayerNorm layers (LyCORIS train_norm): weight + w_norm, "
+                     "bias + b_norm, times the multiplier; no alpha")
+    ranks = Counter((m["kind"], m["rank"], m["alpha"]) for m in report["modules"] if m["kind"] != "norm")
     lines.append("ranks       " + "; ".join(f"{k} rank {r} alpha {a} x{n}" for (k, r, a), n in sorted(
         ranks.items(), key=lambda kv: str(kv[0]))))
     lines.append("blocks      block   linear  conv   ‖ΔW‖ attention      conv")

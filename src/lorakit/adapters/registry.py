@@ -12,12 +12,13 @@ from lorakit.adapters.modules.base import AdapterModule
 from lorakit.adapters.modules.loha import LoHaModule, LoHaOptions
 from lorakit.adapters.modules.lokr import LoKrModule, LoKrOptions
 from lorakit.adapters.modules.lora import LoRAModule, LoRAOptions
+from lorakit.adapters.modules.norm import NormModule, NormOptions
 
 
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    module: type[AdapterModule]
+    module: type[AdapterModule] | type[NormModule]
     options: type
     file_keys: dict[str, str]  # internal parameter name -> key suffix in files
     required: tuple[tuple[str, ...], ...]  # each tuple: one acceptable set of required internal names
@@ -48,8 +49,8 @@ def algorithms() -> list[Algorithm]:
 
 
 def detect_algorithm(suffixes: set[str]) -> Algorithm | None:
-    """The algorithm whose file keys explain every suffix of one module (alpha aside; every algorithm takes
-    DoRA's dora_scale)."""
+    """The algorithm whose file keys explain every suffix of one module (alpha aside; every rank algorithm
+    takes DoRA's dora_scale)."""
     rest = suffixes - {"alpha"}
     for algo in _REGISTRY.values():
         known = set(algo.file_keys.values())
@@ -75,3 +76,7 @@ register(Algorithm(
      "w2": "lokr_w2", "w2a": "lokr_w2_a", "w2b": "lokr_w2_b", "t2": "lokr_t2", "magnitude": "dora_scale"},
     (("w1", "w2"), ("w1", "w2a", "w2b"), ("w1a", "w1b", "w2"), ("w1a", "w1b", "w2a", "w2b")),
     "LoKr: ΔW = scale·kron(W1, W2); scale 1 when both factors are full"))
+# not a network algorithm (NetworkConfig.algo never names it): the norm-layer deltas train_norm adds beside one
+register(Algorithm(
+    "norm", NormModule, NormOptions, {"w_norm": "w_norm", "b_norm": "b_norm"}, (("w_norm",),),
+    "norm delta (LyCORIS train_norm): GroupNorm/LayerNorm weight + w_norm, bias + b_norm"))

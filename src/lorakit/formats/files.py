@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.functional.norm import NormSpec, is_trainable_norm
+from lorakit.adapters.modules.norm import NormModule
 from lorakit.formats.kohya import (KeyProblem, ModuleTensors, build_metadata, group_by_module, minimal_metadata,
                                    module_to_tensors, parse_module)
 from lorakit.formats.safetensors_io import LoraFileError, read_safetensors, tensor_data_hash, write_safetensors
@@ -22,7 +24,8 @@ def network_tensors(network: LoraNetwork, dtype: torch.dtype | None = None) -> d
     tensors: dict[str, torch.Tensor] = {}
     for name, adapter in network.adapters.items():
         algo = get_algorithm(adapter.algo)
-        tensors.update(module_to_tensors(name, algo, adapter.weights(), float(adapter.alpha), dtype))
+        alpha = None if adapter.alpha is None else float(adapter.alpha)  # norm deltas carry no alpha
+        tensors.update(module_to_tensors(name, algo, adapter.weights(), alpha, dtype))
     return tensors
 
 
@@ -90,7 +93,7 @@ def load_network_file(path: str | os.PathLike, unet: nn.Module | None = None, te
             report.unmatched.append(name)
             continue
         module_path, layer, component = layers[name]
-        adapter = adapter_from_tensors(path, parsed, LayerSpec.of(layer), dtype)
+        adapter = module_from_tensors(path, parsed, layer, dtype)
         adapter.multiplier = multiplier
         block = blocks.get(name) or (block_of_kohya_name(name[len("lora_unet_"):], layout.family)
                                      if component == "unet" else None)  # layers only LyCORIS presets target
@@ -103,6 +106,21 @@ def load_network_file(path: str | os.PathLike, unet: nn.Module | None = None, te
     report.loaded = len(network.adapters)
     network.file_metadata = metadata
     return (network.apply_to() if apply else network), report
+
+
+def module_from_tensors(path, parsed: ModuleTensors, layer: nn.Module, dtype: torch.dtype):
+    """The module a file's tensors describe for `layer`: a norm delta or a ranked adapter, shape-checked."""
+    if (parsed.algo.name == "norm") != is_trainable_norm(layer):
+        what = "norm delta (w_norm)" if parsed.algo.name == "norm" else f"{parsed.algo.name} adapter"
+        raise LoraFileError(path, f"holds a {what} for a {type(layer).__name__} layer", parsed.name)
+    if parsed.algo.name != "norm":
+        return adapter_from_tensors(path, parsed, LayerSpec.of(layer), dtype)
+    try:
+        module = NormModule(NormSpec.of(layer), {k: v.to(dtype) for k, v in parsed.weights.items()})
+        module.check_layer(layer)
+    except ValueError as e:
+        raise LoraFileError(path, f"norm delta does not fit the layer: {e}", parsed.name) from None
+    return module
 
 
 def adapter_from_tensors(path, parsed: ModuleTensors, spec: LayerSpec, dtype: torch.dtype):

@@ -43,14 +43,16 @@ class ModuleTensors:
         return "input" if m.dim() >= 2 and m.shape[1] != 1 else "output"  # (1, 1): one norm either way
 
 
-def module_to_tensors(name: str, algo: Algorithm, weights: dict[str, torch.Tensor], alpha: float,
+def module_to_tensors(name: str, algo: Algorithm, weights: dict[str, torch.Tensor], alpha: float | None,
                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Internal weights -> file tensors. alpha is always written (0-d float32), as every consumer expects."""
+    """Internal weights -> file tensors. alpha is written (0-d float32) for every ranked module, as every
+    consumer expects; None (norm deltas, which LyCORIS saves without one) writes none."""
     out = {}
     for internal, tensor in weights.items():
         t = tensor.detach()
         out[f"{name}.{algo.file_keys[internal]}"] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
-    out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    if alpha is not None:
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     return out
 
 
@@ -122,7 +124,8 @@ def parse_module(name: str, suffixed: dict[str, torch.Tensor]) -> ModuleTensors:
 def build_metadata(family: str, network_dim: int | str, network_alpha: float | str, network_args: dict,
                    title: str, algo: str, v_prediction: bool = False, extra: dict[str, str] | None = None) -> dict:
     """ss_* (kohya) and modelspec.* (SAI ModelSpec 1.0.1) keys; every value a string."""
-    lycoris_only = ("use_tucker", "preset", "use_scalar", "rank_dropout_scale", "dora_wd")  # networks.lora lacks them
+    # networks.lora lacks them (and cannot load w_norm/b_norm)
+    lycoris_only = ("use_tucker", "preset", "use_scalar", "rank_dropout_scale", "dora_wd", "train_norm")
     plain_lora = algo == "lora" and not any(network_args.get(k) for k in lycoris_only)
     version = BASE_MODEL_VERSION[family] + ("_v" if v_prediction and family != "sdxl" else "")
     arch = "stable-diffusion-v2-768-v/lora" if v_prediction and family == "sd2" else ARCHITECTURE[family]

@@ -19,7 +19,7 @@ import os
 import torch
 from torch import nn
 
-from lorakit.formats.files import adapter_from_tensors, load_network_file
+from lorakit.formats.files import load_network_file, module_from_tensors
 from lorakit.formats.kohya import KeyProblem, group_by_module, parse_module
 from lorakit.formats.safetensors_io import LoraFileError, read_safetensors
 from lorakit.surgery.config import NetworkConfig
@@ -78,7 +78,7 @@ def load_start_weights(network: LoraNetwork, path: str | os.PathLike) -> tuple[i
             raise LoraFileError(path, str(e), e.key) from None
         ours = {k: tuple(getattr(adapter, k).shape) for k in adapter.param_names}
         if parsed.algo.name == adapter.algo:
-            source = adapter_from_tensors(path, parsed, adapter.spec, torch.float32)
+            source = module_from_tensors(path, parsed, network.layer(name), torch.float32)
             theirs = {k: tuple(getattr(source, k).shape) for k in source.param_names}
         if parsed.algo.name != adapter.algo or theirs != ours:
             found = parsed.algo.name if parsed.algo.name != adapter.algo else theirs
@@ -86,7 +86,8 @@ def load_start_weights(network: LoraNetwork, path: str | os.PathLike) -> tuple[i
                                       f"{ours}; set dim_from_weights to take the file's modules as they are", name)
         for k in adapter.param_names:
             getattr(adapter, k).copy_(getattr(source, k))
-        adapter.alpha.copy_(source.alpha)
+        if adapter.alpha is not None:  # norm deltas have none
+            adapter.alpha.copy_(source.alpha)
         if getattr(adapter, "scalar", None) is not None:
             adapter.scalar.fill_(1.0)  # the file's factors already carry the scalar
         loaded += 1

@@ -107,7 +107,8 @@ def _file_bytes(network: LoraNetwork, save_precision: str, title: str) -> int:
         algo = get_algorithm(adapter.algo)
         tensors += [(dtype.itemsize, f"{name}.{algo.file_keys[internal]}", dtype_name, list(t.shape))
                     for internal, t in adapter.weights().items()]
-        tensors.append((4, f"{name}.alpha", "F32", []))
+        if adapter.alpha is not None:  # norm deltas are saved without one
+            tensors.append((4, f"{name}.alpha", "F32", []))
     entries, offset = {}, 0
     for itemsize, key, dtype_label, shape in sorted(tensors, key=lambda t: (-t[0], t[1])):
         size = itemsize * math.prod(shape)
@@ -125,7 +126,8 @@ def block_rows(network: LoraNetwork) -> list[dict]:
         info = network.info[name]
         block = info.block or info.component.upper()
         row = rows.setdefault(block, {"block": block, "attention": 0, "conv": 0, "parameters": 0})
-        row["attention" if adapter.spec.kind in ("linear", "conv1x1") else "conv"] += 1  # 1x1 = a linear map
+        if adapter.algo != "norm":  # train_norm's deltas count only in the parameters
+            row["attention" if adapter.spec.kind in ("linear", "conv1x1") else "conv"] += 1  # 1x1 = a linear map
         row["parameters"] += sum(p.numel() for p in adapter.parameters())
     order = {b: i for i, b in enumerate(network.block_names)}
     return sorted(rows.values(), key=lambda r: (r["block"] not in order, order.get(r["block"], 0), r["block"]))

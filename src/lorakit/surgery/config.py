@@ -15,15 +15,14 @@ from lorakit.surgery.blocks import kohya_block_lr_weights, lr_weight_preset
 from lorakit.surgery.presets import PRESETS, Preset
 
 LYCORIS_PRESETS = tuple(PRESETS)
-TRAIN_NORM_REFUSAL = ("train_norm (LyCORIS norm-layer deltas, w_norm/b_norm) is not supported yet: lorakit's "
-                      "adapters, merge and file tools cover Linear/Conv weights only; remove train_norm")
+NETWORK_ALGOS = ("lora", "locon", "loha", "lokr")
 
 
 @dataclass
 class NetworkConfig:
     """What to adapt, with which rank and alpha. Field names are the TOML keys (kohya's); `arg` names the
     key inside `network_args` where kohya/LyCORIS spell it differently."""
-    algo: str = opt("lora", "lora (= locon), loha or lokr", choices=("lora", "locon", "loha", "lokr"))
+    algo: str = opt("lora", "lora (= locon), loha or lokr", choices=NETWORK_ALGOS)
     network_dim: int = opt(4, "rank of Linear and 1x1-conv adapters (attention, MLP); kohya's default 4. LoKr: a "
                               "dim at least half the layer's factor size means full matrices, as in LyCORIS",
                            lo=1, hi=1_000_000)
@@ -62,7 +61,8 @@ class NetworkConfig:
     decompose_both: bool = opt(False, "LoKr: factorise W1 too")
     full_matrix: bool = opt(False, "LoKr: full W2 (scale 1, alpha ignored)")
     unbalanced_factorization: bool = opt(False, "LoKr: swap the two factors (the larger one in W1)")
-    train_norm: bool = opt(False, "LyCORIS: also train the norm layers' weight and bias (not supported yet)")
+    train_norm: bool = opt(False, "LyCORIS: also train the weight and bias of the GroupNorm/LayerNorm layers inside "
+                                  "the targeted modules (w_norm/b_norm in files, zero at step 0)")
     dora_wd: bool = opt(False, "DoRA (LyCORIS dora_wd; old name weight_decompose): W' = m·(W+ΔW)/‖W+ΔW‖ with a "
                                "trained magnitude m, on LoRA/LoCon, LoHa and LoKr")
     wd_on_output: bool = opt(False, "DoRA norm per output row (LyCORIS >= 3.2's default). Off: per input column, "
@@ -88,6 +88,8 @@ class NetworkConfig:
             algo = get_algorithm(self.algo).name
         except ValueError as e:
             return [str(e)]
+        if self.algo.lower() not in NETWORK_ALGOS:  # registered for files only: train_norm adds norm deltas
+            return [f"algo {self.algo!r}: choose one of {list(NETWORK_ALGOS)} (norm deltas come with train_norm)"]
         for name in ("dropout", "rank_dropout", "module_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 out.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -107,8 +109,6 @@ class NetworkConfig:
             if values is not None and any(int(v) < 0 for v in values):
                 out.append(f"{name} must be >= 0")
         out.extend(self._lr_weight_problems())
-        if self.train_norm:
-            out.append(TRAIN_NORM_REFUSAL)
         if self.dora_wd and self.dropout > 0:
             out.append("network_dropout acts on LoRA rank activations, which DoRA's forward (one weight W') does not "
                        "form (LyCORIS ignores it); use rank_dropout/module_dropout with dora_wd")
@@ -141,6 +141,9 @@ class NetworkConfig:
         if self.block_lr_zero_threshold and all(getattr(self, n) is None for n in
                                                 ("down_lr_weight", "mid_lr_weight", "up_lr_weight")):
             out.append("block_lr_zero_threshold has no effect without down_lr_weight / mid_lr_weight / up_lr_weight")
+        if self.train_norm and (self.dropout or self.rank_dropout):
+            out.append("dropout / rank_dropout do not act on train_norm's norm deltas (they have no rank); "
+                       "module_dropout does")
         if self.wd_on_output and not self.dora_wd:
             out.append("wd_on_output has no effect without dora_wd (it sets the DoRA norm's axis)")
         plus = [n for n in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
@@ -239,7 +242,7 @@ class NetworkConfig:
         if self.algo == "lokr":
             args["factor"] = str(self.factor)
         for name in ("decompose_both", "full_matrix", "unbalanced_factorization", "use_tucker", "use_scalar",
-                     "rank_dropout_scale"):
+                     "rank_dropout_scale", "train_norm"):
             if getattr(self, name):
                 args[name] = "True"
         if self.dora_wd:  # wd_on_output always written: LyCORIS reads a missing one as True (output axis)

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.functional.norm import is_trainable_norm
 from lorakit.adapters.modules.base import AdapterModule
+from lorakit.adapters.modules.norm import NormModule
 from lorakit.adapters.registry import get_algorithm
 from lorakit.surgery.blocks import UNetLayout
 from lorakit.surgery.config import NetworkConfig
@@ -40,7 +42,7 @@ class LoraNetwork(nn.Module):
         self._layers: dict[str, nn.Module] = {}
         self.skipped: list[str] = []  # targets whose resolved dim is 0
 
-    def add(self, name: str, adapter: AdapterModule, layer: nn.Module, info: AdapterInfo) -> None:
+    def add(self, name: str, adapter: AdapterModule | NormModule, layer: nn.Module, info: AdapterInfo) -> None:
         if name in self.adapters:
             raise ValueError(f"duplicate adapter name {name}")
         self.adapters[name] = adapter
@@ -118,10 +120,13 @@ class LoraNetwork(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def delta_norms(self) -> dict[str, dict[str, float]]:
-        """‖ΔW‖ (Frobenius, times multiplier) per block, split into attention/linear vs conv layers."""
+        """‖ΔW‖ (Frobenius, times multiplier) per block, split into attention/linear vs conv layers (norm
+        deltas are neither and are left out)."""
         out: dict[str, dict[str, float]] = {}
         with torch.no_grad():
             for name, adapter in self.adapters.items():
+                if adapter.algo == "norm":
+                    continue
                 kind = "conv" if adapter.spec.is_conv and adapter.spec.kernel != (1, 1) else "linear"
                 block = self.info[name].block or self.info[name].component
                 sq = float(adapter.delta_weight().float().pow(2).sum()) * adapter.multiplier ** 2
@@ -143,7 +148,7 @@ def create_network(unet: nn.Module | None = None, text_encoders: list[nn.Module]
     if layout is not None:
         config.check_block_lengths(layout.num_blocks, layout.family)
     preset = config.preset
-    targets = find_targets(unet, text_encoders, config.with_conv, preset)
+    targets = find_targets(unet, text_encoders, config.with_conv, preset, norms=config.train_norm)
     if not targets:
         searched = (UNET_ATTENTION_CLASSES + UNET_CONV_CLASSES if config.with_conv else UNET_ATTENTION_CLASSES)
         searched = searched + TEXT_ENCODER_CLASSES if preset is None else preset.unet_classes + preset.te_classes
@@ -154,6 +159,11 @@ def create_network(unet: nn.Module | None = None, text_encoders: list[nn.Module]
     on_meta = any(t.layer.weight.device.type == "meta" for t in targets)
     net = LoraNetwork(family, block_names, config)
     for target in targets:
+        if is_trainable_norm(target.layer):  # train_norm: zero deltas, no rank
+            adapter = NormModule.create(target.layer, dropouts, config.forward_mode, dtype=dtype or torch.float32,
+                                        device=target.layer.weight.device)
+            net.add(target.name, adapter, target.layer, AdapterInfo(target.component, target.block, target.path))
+            continue
         if target.component == "unet":
             block_index = block_names.index(target.block) if target.block in block_names else None
             dim, alpha = config.rank_for(block_index, target.is_kxk_conv, family)

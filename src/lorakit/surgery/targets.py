@@ -4,6 +4,8 @@ U-Net: Linear and 1x1 Conv2d inside Transformer2DModel; with conv enabled also e
 ResnetBlock2D, Downsample2D, Upsample2D (kxk convs take conv_dim, the others network_dim). Text
 encoders: Linear layers inside CLIP attention and MLP. Matching is by class name, as kohya does.
 A LyCORIS preset (lorakit.surgery.presets) replaces those class lists and adds layers named by path.
+With LyCORIS's train_norm, the affine GroupNorm/LayerNorm layers inside the same modules are targets too
+(LyCORIS: a class name containing "Norm"), for norm deltas.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lorakit.adapters.functional.norm import is_trainable_norm
 from lorakit.surgery.blocks import UNetLayout, block_of_kohya_name, to_ldm_path
 from lorakit.surgery.presets import Preset
 
@@ -57,10 +60,11 @@ def text_encoder_prefixes(count: int) -> list[str]:
 
 
 def find_targets(unet: nn.Module | None, text_encoders: list[nn.Module], with_conv: bool,
-                 preset: Preset | None = None) -> list[Target]:
+                 preset: Preset | None = None, norms: bool = False) -> list[Target]:
     """kohya's discovery: walk modules of the target classes and take their Linear/Conv2d children.
 
-    With a LyCORIS preset: its classes and path patterns instead; kxk convs only if it enables conv."""
+    With a LyCORIS preset: its classes and path patterns instead; kxk convs only if it enables conv.
+    norms (train_norm): their GroupNorm/LayerNorm children as well."""
     targets: list[Target] = []
     if unet is not None:
         layout = UNetLayout.of(unet)
@@ -69,13 +73,13 @@ def find_targets(unet: nn.Module | None, text_encoders: list[nn.Module], with_co
             classes, names = preset.unet_targets(layout.family)
         # SDXL files (and kohya's SDXL U-Net that presets were written for) use SGM paths
         file_path = (lambda p: _ldm_or_none(p, layout)) if layout.family == "sdxl" else (lambda p: p)
-        for path, layer, in_conv in _walk(unet, classes, names, file_path):
+        for path, layer, in_conv in _walk(unet, classes, names, file_path, norms):
             name = unet_kohya_name(path, layout)
             block = block_of_kohya_name(name[len("lora_unet_"):], layout.family)
             targets.append(Target(name, path, layer, "unet", block, in_conv))
     te_classes = TEXT_ENCODER_CLASSES if preset is None else preset.te_classes
     for prefix, te in zip(text_encoder_prefixes(len(text_encoders)), text_encoders):
-        for path, layer, _ in _walk(te, te_classes):
+        for path, layer, _ in _walk(te, te_classes, norms=norms):
             targets.append(Target(text_encoder_kohya_name(path, prefix), path, layer, prefix[len("lora_"):],
                                   _te_block(path, prefix), False))
     if preset is not None and not preset.enable_conv:
@@ -83,10 +87,16 @@ def find_targets(unet: nn.Module | None, text_encoders: list[nn.Module], with_co
     return targets
 
 
-def _walk(root: nn.Module, classes: tuple[str, ...], names: tuple[str, ...] = (), file_path=lambda p: p):
+def _walk(root: nn.Module, classes: tuple[str, ...], names: tuple[str, ...] = (), file_path=lambda p: p,
+          norms: bool = False):
     """Linear/Conv2d layers inside modules of `classes`, and layers whose path `re.match`es one of `names`
-    (LyCORIS's rule: a module matched by name is not searched by class). Each layer once."""
+    (LyCORIS's rule: a module matched by name is not searched by class). Each layer once. norms: affine
+    GroupNorm/LayerNorm layers too."""
     seen: set[int] = set()
+
+    def wanted(layer: nn.Module) -> bool:
+        name = type(layer).__name__
+        return name in ("Linear", "Conv2d") or (norms and "Norm" in name and is_trainable_norm(layer))
 
     def named(path: str) -> bool:
         target = file_path(path) if names else None
@@ -96,10 +106,10 @@ def _walk(root: nn.Module, classes: tuple[str, ...], names: tuple[str, ...] = ()
         if type(module).__name__ in classes and not named(path):
             in_conv = type(module).__name__ in UNET_CONV_CLASSES
             for child_path, child in module.named_modules():
-                if type(child).__name__ in ("Linear", "Conv2d") and id(child) not in seen:
+                if wanted(child) and id(child) not in seen:
                     seen.add(id(child))
                     yield f"{path}.{child_path}" if path else child_path, child, in_conv
-        elif type(module).__name__ in ("Linear", "Conv2d") and id(module) not in seen and named(path):
+        elif wanted(module) and id(module) not in seen and named(path):
             seen.add(id(module))
             yield path, module, False
 
@@ -125,19 +135,20 @@ def te_block_label(component: str, layer: str) -> str:
 
 
 def all_named_layers(unet: nn.Module | None, text_encoders: list[nn.Module]) -> dict[str, tuple[str, nn.Module, str]]:
-    """Every Linear/Conv2d under its kohya name: kohya name -> (path, layer, component). For loading files."""
+    """Every Linear/Conv2d (and affine GroupNorm/LayerNorm, for norm deltas) under its kohya name:
+    kohya name -> (path, layer, component). For loading files."""
     out: dict[str, tuple[str, nn.Module, str]] = {}
     if unet is not None:
         layout = UNetLayout.of(unet)
         for path, module in unet.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if isinstance(module, (nn.Linear, nn.Conv2d)) or is_trainable_norm(module):
                 try:
                     out[unet_kohya_name(path, layout)] = (path, module, "unet")
                 except ValueError:
                     continue
     for prefix, te in zip(text_encoder_prefixes(len(text_encoders)), text_encoders):
         for path, module in te.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)) and "encoder" in path:
+            if (isinstance(module, (nn.Linear, nn.Conv2d)) or is_trainable_norm(module)) and "encoder" in path:
                 out[text_encoder_kohya_name(path, prefix)] = (path, module, prefix[len("lora_"):])
     return out
 

@@ -4,7 +4,8 @@ kohya (`lora_unet_..._to_q.lora_down.weight` + `.alpha`) <-> diffusers/PEFT (`un
 `lora_B`), for LoRA and LoCon. PEFT files carry no alpha, so kohya -> diffusers folds scale = alpha/rank
 into lora_B; diffusers -> kohya writes alpha = rank. Module paths come from the family's architecture
 built on the meta device (nothing is allocated), so kohya names, which flatten paths with underscores,
-map back unambiguously.
+map back unambiguously. train_norm's norm deltas (w_norm/b_norm) have no PEFT form: --to diffusers refuses
+them; kohya -> kohya keeps them.
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def kohya_to_diffusers(src, family: str) -> tuple[dict[str, torch.Tensor], dict[
     for name, parsed in modules.items():
         if name not in table:
             raise ToolError(f"{src}: module {name} is not a layer of a {family} model")
+        if parsed.algo.name == "norm":
+            raise ToolError(f"{src}: module {name} is a train_norm norm delta (w_norm/b_norm), which PEFT/diffusers "
+                            "files cannot hold; keep the kohya file (A1111, ComfyUI and LyCORIS load it)")
         module = from_parsed(parsed, str(src))
         if module.mid is not None:
             raise ToolError(f"{src}: module {name} uses a Tucker core (lora_mid), which PEFT cannot express")

@@ -43,6 +43,27 @@ def read_modules(path: str | os.PathLike) -> tuple[dict[str, ModuleTensors], dic
     return modules, metadata
 
 
+def split_norm_deltas(modules: dict[str, ModuleTensors]) -> tuple[dict[str, ModuleTensors], dict[str, ModuleTensors]]:
+    """(ranked modules, train_norm's norm deltas): the deltas are whole vectors with no rank to resize or
+    factorise, so tools carry them over (or sum them) apart."""
+    norms = {n: m for n, m in modules.items() if m.algo.name == "norm"}
+    return {n: m for n, m in modules.items() if n not in norms}, norms
+
+
+def norm_tensors(norms: list[tuple[dict[str, ModuleTensors], float]]) -> dict[str, torch.Tensor]:
+    """File tensors of Σ ratio·delta over inputs (norm deltas add exactly, as loaders apply them), no alpha,
+    in the first input's dtype."""
+    out: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for modules, ratio in norms:
+        for name, parsed in modules.items():
+            for internal, tensor in parsed.weights.items():
+                key = f"{name}.{parsed.algo.file_keys[internal]}"
+                out[key] = out.get(key, 0) + tensor.double() * ratio
+                dtypes.setdefault(key, tensor.dtype)  # one input at ratio 1 is copied bit for bit
+    return {k: v.to(dtypes[k]) for k, v in out.items()}
+
+
 def check_output(out: str | os.PathLike, *inputs) -> Path:
     out = Path(out)
     if out.suffix != ".safetensors":

@@ -104,6 +104,13 @@ def merge_into_checkpoint(base: str, inputs: list[tuple[str, float]], out: str |
         network, _ = load_network_file(path, pipe.unet, text_encoders, apply=False)
         for name, adapter in network.adapters.items():
             weight = network.layer(name).weight
+            if adapter.algo == "norm":  # train_norm: weight + ratio·w_norm and bias + ratio·b_norm, as loaders do
+                bias = network.layer(name).bias
+                new_weight, new_bias = adapter.applied(weight.float(), None if bias is None else bias.float(), ratio)
+                weight.copy_(new_weight.to(weight.dtype))
+                if bias is not None:
+                    bias.copy_(new_bias.to(bias.dtype))
+                continue
             if adapter.dora_axis is not None:  # A1111/ComfyUI's strength rule: W + ratio·(W' − W)
                 merged = dora.applied_weight(adapter, weight.float(), adapter.delta_weight().float(), ratio)
             else:

@@ -59,8 +59,6 @@ NETWORK_ARGS_WITHOUT_EFFECT = {  # LyCORIS/kohya network_args accepted with a no
 NETWORK_ARGS_REFUSED = {  # LyCORIS/kohya network_args lorakit cannot honour yet, with what to do instead
     "constrain": "is an OFT/BOFT option; lorakit trains LoRA/LoCon/LoHa/LoKr",
     "rescaled": "is an OFT/BOFT option; lorakit trains LoRA/LoCon/LoHa/LoKr",
-    "train_norm": "LyCORIS's norm-layer training (w_norm/b_norm) is not supported yet: lorakit's adapters, merge "
-                  "and file tools cover Linear/Conv weights only; remove train_norm",
 }
 
 

@@ -346,6 +346,8 @@ def apply_max_norm(adapters, max_norm: float) -> MaxNormStats:
     multiplies ΔW by r; for LoRA this is kohya's √r on up and down."""
     scaled, norms = 0, []
     for adapter in adapters:
+        if adapter.algo == "norm":  # LyCORIS's NormModule takes no max-norm either (it is not a product)
+            continue
         norm = adapter.delta_weight().float().norm()
         ratio = max_norm_ratio(norm, max_norm)
         if ratio != 1:
