@@ -185,3 +185,39 @@ def test_short_run_trains_the_norm_deltas_and_nothing_of_the_base(tiny_folder, i
     assert len(moved) == len(norms)
     tensors, _ = read_safetensors(path)
     assert all(torch.equal(tensors[f"{n}.w_norm"], a.w_norm.detach().cpu()) for n, a in norms.items())
+
+
+def test_file_tools_merge_resize_and_convert_handle_norm_deltas(tiny_folder, tmp_path):
+    """merge into a checkpoint bakes w_norm/b_norm in at the ratio; resize carries them over bit for bit; merging
+    LoRAs sums them; convert --to diffusers refuses them by name."""
+    from lorakit.models.checkpoint import load_base_model, load_single_file
+    from lorakit.tools.convert import convert_file
+    from lorakit.tools.lowrank import ToolError
+    from lorakit.tools.merge import merge_into_checkpoint, merge_loras, parse_inputs
+    from lorakit.tools.resize import resize_file
+
+    from test_tools import probe
+
+    pipe = load_base_model(str(tiny_folder)).pipeline
+    net = create_network(pipe.unet, [pipe.text_encoder], NetworkConfig(network_dim=4, conv_dim=4, train_norm=True),
+                         seed=0)
+    randomize(net, std=0.1)
+    path = save_network(net, tmp_path / "norm.safetensors")
+    net.restore()
+    applied_net, _ = load_network_file(path, pipe.unet, [pipe.text_encoder], multiplier=0.6)
+    applied = probe(pipe)
+    applied_net.restore()
+    out = merge_into_checkpoint(str(tiny_folder), parse_inputs([f"{path}:0.6"]), tmp_path / "m.safetensors",
+                                precision="float")
+    merged = load_single_file(out, config_dir=tiny_folder).pipeline
+    torch.testing.assert_close(probe(merged), applied, atol=2e-5, rtol=1e-4)
+    source, _ = read_safetensors(path)
+    norm_keys = [k for k in source if k.endswith((".w_norm", ".b_norm"))]
+    resize_file(path, tmp_path / "r.safetensors", rank=2)
+    resized, _ = read_safetensors(tmp_path / "r.safetensors")
+    assert norm_keys and all(torch.equal(resized[k], source[k]) for k in norm_keys)
+    merge_loras([(str(path), 0.5), (str(path), 0.25)], tmp_path / "s.safetensors")
+    summed, _ = read_safetensors(tmp_path / "s.safetensors")
+    assert all(torch.allclose(summed[k], source[k] * 0.75, atol=1e-7) for k in norm_keys)
+    with pytest.raises(ToolError, match="train_norm norm delta"):
+        convert_file(path, tmp_path / "d.safetensors", to="diffusers")

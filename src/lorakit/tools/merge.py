@@ -17,7 +17,7 @@ import torch
 from lorakit.adapters.modules import dora
 from lorakit.formats.files import load_network_file
 from lorakit.models.checkpoint import load_base_model, save_single_file
-from lorakit.tools.lora_files import DTYPES, check_output, read_modules, write_result
+from lorakit.tools.lora_files import DTYPES, check_output, norm_tensors, read_modules, split_norm_deltas, write_result
 from lorakit.tools.lowrank import LowRank, ToolError, factorize, factorize_factors, from_parsed
 
 
@@ -47,8 +47,11 @@ def merge_loras(inputs: list[tuple[str, float]], out: str | os.PathLike, mode: s
     out = check_output(out, *(p for p, _ in inputs))
     by_name: dict[str, list[tuple[LowRank, float]]] = {}
     metadata = {}
+    norm_parts = []  # train_norm's deltas: summed exactly (ratio·w_norm), apart from the ranked modules
     for path, ratio in inputs:
         modules, meta = read_modules(path)
+        modules, norms = split_norm_deltas(modules)
+        norm_parts.append((norms, ratio))
         metadata = metadata or meta
         for name, parsed in modules.items():
             by_name.setdefault(name, []).append((from_parsed(parsed, path), ratio))
@@ -59,6 +62,7 @@ def merge_loras(inputs: list[tuple[str, float]], out: str | os.PathLike, mode: s
             raise ToolError(f"module {name}: the inputs disagree on the layer shape {sorted(shapes)}; "
                             "are they for different base models?")
         tensors.update(_merge_module(name, parts, mode, rank, conv_rank).tensors())
+    tensors.update(norm_tensors(norm_parts))
     if mode == "concat":
         metadata = {**metadata, "ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"}
     action = {"tool": "merge", "mode": mode, "inputs": [[os.path.basename(p), r] for p, r in inputs],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from lorakit.tools.lora_files import DTYPES, check_output, read_modules, write_result
+from lorakit.tools.lora_files import DTYPES, check_output, norm_tensors, read_modules, split_norm_deltas, write_result
 from lorakit.tools.lowrank import factorize, factorize_factors, from_parsed
 
 
@@ -35,6 +35,7 @@ def resize_file(src: str | os.PathLike, out: str | os.PathLike, rank: int | None
     if method and param is None:
         raise ValueError(f"--dynamic {method} needs --param")
     modules, metadata = read_modules(src)
+    modules, norms = split_norm_deltas(modules)  # train_norm's deltas have no rank: carried over unchanged
     cap = rank if rank is not None else 1 << 30
     conv_cap = conv_rank if conv_rank is not None else cap
     tensors, report = {}, ResizeReport(path=str(out))
@@ -49,6 +50,7 @@ def resize_file(src: str | os.PathLike, out: str | os.PathLike, rank: int | None
         tensors.update(new.tensors(module.down.dtype))
         report.modules.append({"name": name, "kind": "conv" if is_3x3 else "linear", "old_rank": module.rank,
                                "new_rank": new.rank, "retained": retained})
+    tensors.update(norm_tensors([(norms, 1.0)]))
     metadata = dict(metadata)
     dynamic = method is not None
     metadata["ss_network_dim"] = "Dynamic" if dynamic else str(rank)
