@@ -45,7 +45,7 @@ def test_merge_into_checkpoint_equals_applying_the_loras(tiny_folder, tmp_path):
     a = lora_file(tiny_folder, tmp_path / "a.safetensors", seed=1)
     b = lora_file(tiny_folder, tmp_path / "b.safetensors", seed=2, conv_dim=0)
     # reference: the two LoRAs as one concatenated file, applied through the adapters' forward (not merged)
-    both = merge_loras([(str(a), 0.7), (str(b), -0.4)], tmp_path / "ab.safetensors")
+    both = merge_loras([(str(a), 0.7), (str(b), -0.4)], tmp_path / "ab.safetensors").path
     pipe = load_base_model(str(tiny_folder)).pipeline
     load_network_file(both, pipe.unet, [pipe.text_encoder])
     applied = probe(pipe)
@@ -60,12 +60,13 @@ def test_merge_into_checkpoint_equals_applying_the_loras(tiny_folder, tmp_path):
 def test_merge_loras_concat_is_the_exact_ratio_weighted_sum(tiny_folder, tmp_path):
     a = lora_file(tiny_folder, tmp_path / "a.safetensors", seed=1)
     b = lora_file(tiny_folder, tmp_path / "b.safetensors", seed=2, rank=2)
-    out = merge_loras([(str(a), 0.5), (str(b), 2.0)], tmp_path / "ab.safetensors")
+    out = merge_loras([(str(a), 0.5), (str(b), 2.0)], tmp_path / "ab.safetensors").path
     da, db, dm = deltas(a), deltas(b), deltas(out)
     assert dm.keys() == da.keys() | db.keys()
     for name in dm:
         torch.testing.assert_close(dm[name], 0.5 * da[name] + 2.0 * db[name], atol=1e-6, rtol=1e-5)
-    svd = merge_loras([(str(a), 0.5), (str(b), 2.0)], tmp_path / "svd.safetensors", mode="svd", rank=6, conv_rank=8)
+    svd = merge_loras([(str(a), 0.5), (str(b), 2.0)], tmp_path / "svd.safetensors", mode="svd", rank=6,
+                      conv_rank=8).path
     for name, d in deltas(svd).items():  # ranks 4+2 (conv 4+4) hold the sum exactly
         torch.testing.assert_close(d, dm[name], atol=1e-5, rtol=1e-4)
     with pytest.raises(ToolError, match="overwrite an input"):

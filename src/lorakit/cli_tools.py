@@ -28,13 +28,18 @@ def finite_number(text: str) -> float:
 def _cmd_resize(args) -> int:
     from lorakit.tools.resize import resize_file
 
-    report = resize_file(args.input, args.output, args.rank, args.conv_rank, args.dynamic, args.param, args.precision)
-    if args.verbose:
+    report = resize_file(args.input, args.output, args.rank, args.conv_rank, args.dynamic, args.param, args.precision,
+                         args.base)
+    _print_energy(report, args.verbose, "resized")
+    return 0
+
+
+def _print_energy(report, verbose: bool, done: str) -> None:
+    if verbose:
         print("\n".join(report.lines()))
     kept = [m["retained"] for m in report.modules]
-    print(f"resized {len(kept)} modules -> {report.path}; kept ‖ΔW‖²: min {min(kept):.2%}, "
+    print(f"{done} {len(kept)} modules -> {report.path}; kept ‖ΔW‖²: min {min(kept):.2%}, "
           f"mean {sum(kept) / len(kept):.2%} (--verbose: per module)")
-    return 0
 
 
 def _cmd_extract(args) -> int:
@@ -54,8 +59,8 @@ def _cmd_merge(args) -> int:
         out = merge_into_checkpoint(args.checkpoint, inputs, args.output, args.precision)
         print(f"merged {len(inputs)} LoRA(s) into {args.checkpoint} -> {out}")
     else:
-        out = merge_loras(inputs, args.output, args.mode, args.rank, args.conv_rank, args.precision)
-        print(f"merged {len(inputs)} LoRA(s) ({args.mode}) -> {out}")
+        report = merge_loras(inputs, args.output, args.mode, args.rank, args.conv_rank, args.precision, args.base)
+        _print_energy(report, args.verbose, f"merged {len(inputs)} LoRA(s) ({args.mode}):")
     return 0
 
 
@@ -87,6 +92,10 @@ def _cmd_import_config(args) -> int:
     return 0
 
 
+BASE_HELP = ("the base model the file was trained on: needed for DoRA modules (W' − W depends on W), "
+             "optional for LoHa/LoKr (layer shapes; default: the file's family architecture)")
+
+
 def add_tool_commands(sub) -> None:
     p = sub.add_parser("resize", help="SVD rank reduction that keeps the strength (writes the new alpha)")
     p.add_argument("input")
@@ -97,6 +106,7 @@ def add_tool_commands(sub) -> None:
     p.add_argument("--param", type=finite_number, help="the dynamic rule's parameter")
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--verbose", action="store_true", help="print kept energy per module")
+    p.add_argument("--base", "-m", help=BASE_HELP)
     p.set_defaults(func=_cmd_resize)
     p = sub.add_parser("extract", help="a LoRA/LoCon from the difference of two checkpoints")
     p.add_argument("base")
@@ -114,6 +124,8 @@ def add_tool_commands(sub) -> None:
     p.add_argument("--rank", type=whole_number(1))
     p.add_argument("--conv-rank", type=whole_number(1))
     p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--base", "-m", help=BASE_HELP)
+    p.add_argument("--verbose", action="store_true", help="print kept energy per module")
     p.set_defaults(func=_cmd_merge)
     p = sub.add_parser("blocks", help="bake LoRA Block Weight presets or vectors into a file")
     p.add_argument("input")

@@ -16,6 +16,11 @@ RANK_PAIRS = {
     "loha": (("w1a", 1, "w1b", 0), ("w2a", 1, "w2b", 0), ("t1", 0, "w1b", 0), ("t2", 0, "w2b", 0)),
     "lokr": (("w1a", 1, "w1b", 0), ("w2a", 1, "w2b", 0), ("t2", 0, "w2b", 0)),
 }
+# with a Tucker core the factors are (r, out) and (r, in): the core's axes 0 and 1 meet their axis 0
+TUCKER_PAIRS = {
+    "loha": (("t1", 0, "w1a", 0), ("t1", 1, "w1b", 0), ("t2", 0, "w2a", 0), ("t2", 1, "w2b", 0)),
+    "lokr": (("w1a", 1, "w1b", 0), ("t2", 0, "w2a", 0), ("t2", 1, "w2b", 0)),
+}
 
 
 def nonfinite_tensors(parsed: ModuleTensors) -> list[str]:
@@ -29,7 +34,8 @@ def nonfinite_tensors(parsed: ModuleTensors) -> list[str]:
 def rank_mismatches(parsed: ModuleTensors) -> list[str]:
     """'up has rank 8 but down has 4'-style lines for inner dimensions that disagree."""
     out = []
-    for left, i, right, j in RANK_PAIRS.get(parsed.algo.name, ()):
+    tucker = "t1" in parsed.weights or "t2" in parsed.weights
+    for left, i, right, j in (TUCKER_PAIRS if tucker else RANK_PAIRS).get(parsed.algo.name, ()):
         a, b = parsed.weights.get(left), parsed.weights.get(right)
         if a is not None and b is not None and a.dim() > i and b.dim() > j and a.shape[i] != b.shape[j]:
             out.append(f"{left} has rank {a.shape[i]} but {right} has {b.shape[j]}")

@@ -64,8 +64,9 @@ def merge(roots: Roots, loras: str, out: str, checkpoint: str = "", mode: str = 
     if checkpoint:
         path = merge_into_checkpoint(str(roots.existing(checkpoint, "checkpoint")), inputs, roots.check(out, "output"))
         return f"merged {len(inputs)} LoRA(s) into {checkpoint} -> {path}"
-    path = merge_loras(inputs, roots.check(out, "output"), mode, _optional_int(rank))
-    return f"merged {len(inputs)} LoRA(s) ({mode}) -> {path}"
+    report = merge_loras(inputs, roots.check(out, "output"), mode, _optional_int(rank))
+    kept = min((m["retained"] for m in report.modules), default=1.0)
+    return f"merged {len(inputs)} LoRA(s) ({mode}) -> {report.path}; least kept ‖ΔW‖²: {kept:.2%}"
 
 
 def block_weights(roots: Roots, src: str, out: str, weights: str) -> str:

@@ -6,31 +6,35 @@ into lora_B; diffusers -> kohya writes alpha = rank. Module paths come from the 
 built on the meta device (nothing is allocated), so kohya names, which flatten paths with underscores,
 map back unambiguously. train_norm's norm deltas (w_norm/b_norm) have no PEFT form: --to diffusers refuses
 them; kohya -> kohya keeps them.
+
+DoRA: an output-axis magnitude becomes PEFT's `lora_magnitude_vector` (both normalise per output row), and
+back to `dora_scale` (out, 1[, 1, 1]); an input-axis file has no exact PEFT form and is refused with why.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from lorakit.formats.kohya import file_family
+from lorakit.adapters.functional import dora as F_dora
+from lorakit.formats.kohya import ModuleTensors, file_family
 from lorakit.formats.safetensors_io import read_header, read_safetensors
-from lorakit.models.configs import build_text_encoders, build_unet
-from lorakit.surgery.targets import all_named_layers
+from lorakit.tools.exact_delta import architecture_layers
 from lorakit.tools.lora_files import DTYPES, check_output, read_modules, write_result
 from lorakit.tools.lowrank import ToolError, from_parsed
 
 TE_ROOTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+PEFT_KEYS = ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight"),
+             (".lora_magnitude_vector.weight", "dora_scale"), (".lora_magnitude_vector", "dora_scale"))
 
 
 @lru_cache(maxsize=4)
 def name_table(family: str) -> dict[str, tuple[str, str]]:
     """kohya module name -> (component, module path) for a family's full-size architecture (meta device)."""
-    unet = build_unet(family, device="meta")
-    text_encoders = build_text_encoders(family, device="meta")
-    return {name: (component, path) for name, (path, _, component) in all_named_layers(unet, text_encoders).items()}
+    return {name: (component, path) for name, (path, _, component) in architecture_layers(family).items()}
 
 
 def detect_layout(keys) -> str:
@@ -51,6 +55,9 @@ def kohya_to_diffusers(src, family: str) -> tuple[dict[str, torch.Tensor], dict[
         if parsed.algo.name == "norm":
             raise ToolError(f"{src}: module {name} is a train_norm norm delta (w_norm/b_norm), which PEFT/diffusers "
                             "files cannot hold; keep the kohya file (A1111, ComfyUI and LyCORIS load it)")
+        magnitude = peft_magnitude(src, parsed, family)
+        if magnitude is not None:  # the rest of the module is its plain LoRA part
+            parsed = replace(parsed, weights={k: v for k, v in parsed.weights.items() if k != "magnitude"})
         module = from_parsed(parsed, str(src))
         if module.mid is not None:
             raise ToolError(f"{src}: module {name} uses a Tucker core (lora_mid), which PEFT cannot express")
@@ -58,7 +65,31 @@ def kohya_to_diffusers(src, family: str) -> tuple[dict[str, torch.Tensor], dict[
         prefix = f"{TE_ROOTS[component]}.{path}"
         tensors[f"{prefix}.lora_A.weight"] = module.down
         tensors[f"{prefix}.lora_B.weight"] = (module.up.float() * module.scale).to(module.up.dtype)
+        if magnitude is not None:
+            # the U-Net takes the key PEFT writes; transformers' loader (text encoders) wants the parameter's name
+            suffix = "" if component == "unet" else ".weight"
+            tensors[f"{prefix}.lora_magnitude_vector{suffix}"] = magnitude
     return tensors, metadata
+
+
+def peft_magnitude(src, parsed: ModuleTensors, family: str) -> torch.Tensor | None:
+    """A DoRA module's magnitude as PEFT's `lora_magnitude_vector` ((out,) Linear, (1, out, 1, 1) conv), None
+    without DoRA. PEFT normalises per output row, so an output-axis magnitude maps exactly. An input-axis one
+    cannot: W' = (W + ΔW)·diag(m / ‖W + ΔW‖) per column is no row rescaling of W plus a rank-r change, so no
+    PEFT file equals it, whatever W is."""
+    if parsed.dora_axis is None:
+        return None
+    if parsed.dora_axis == "input":
+        raise ToolError(f"{src}: module {parsed.name} is DoRA on the input axis (norm per input column: LyCORIS "
+                        "legacy, OneTrainer, lorakit's default); PEFT/diffusers DoRA normalises per output row, and "
+                        "no PEFT file equals an input-axis DoRA exactly. Train with wd_on_output = true for "
+                        "diffusers, or write an exact plain LoRA: `lorakit resize --base BASE --rank <layer size>`, "
+                        "then convert that")
+    if parsed.algo.name != "lora":
+        raise ToolError(f"{src}: module {parsed.name} is {parsed.algo.name}+DoRA; PEFT's DoRA is LoRA-based")
+    magnitude = parsed.weights["magnitude"]
+    dims = architecture_layers(family)[parsed.name][1].weight.dim()
+    return F_dora.internal_to_peft(magnitude.reshape(magnitude.shape[0], *([1] * (dims - 1))))
 
 
 def diffusers_to_kohya(src, family: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -66,17 +97,20 @@ def diffusers_to_kohya(src, family: str) -> tuple[dict[str, torch.Tensor], dict[
     reverse = {f"{TE_ROOTS[c]}.{p}": n for n, (c, p) in name_table(family).items()}
     tensors = {}
     for key, tensor in raw.items():
-        for part, kohya in ((".lora_A.weight", "lora_down.weight"), (".lora_B.weight", "lora_up.weight")):
+        for part, kohya in PEFT_KEYS:
             if key.endswith(part):
                 path = key[: -len(part)]
                 if path not in reverse:
                     raise ToolError(f"{src}: {path} is not a layer of a {family} model")
+                if kohya == "dora_scale":  # PEFT's per-output-row magnitude: the output-axis layout
+                    dims = architecture_layers(family)[reverse[path]][1].weight.dim()
+                    tensor = F_dora.peft_to_internal(tensor, dims)
                 tensors[f"{reverse[path]}.{kohya}"] = tensor
                 if kohya == "lora_down.weight":
                     tensors[f"{reverse[path]}.alpha"] = torch.tensor(float(tensor.shape[0]))
                 break
         else:
-            raise ToolError(f"{src}: key {key} is not a PEFT LoRA weight (lora_A/lora_B)")
+            raise ToolError(f"{src}: key {key} is not a PEFT LoRA weight (lora_A/lora_B/lora_magnitude_vector)")
     return tensors, metadata
 
 

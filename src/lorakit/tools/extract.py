@@ -39,7 +39,7 @@ def extract_lora(base: str, tuned: str, out: str | os.PathLike, dim: int = 4, co
             continue
         rank = conv_dim if t.is_kxk_conv else dim
         module, retained = factorize(t.name, delta, rank)
-        tensors.update(module.tensors())
+        tensors.update(module.tensors(torch.float32))
         stats["extracted"] += 1
         stats["min_retained"] = min(stats["min_retained"], retained)
     if not tensors:

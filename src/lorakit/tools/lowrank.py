@@ -7,7 +7,8 @@ scale 1, so the new file's strength equals the old one's by construction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +19,25 @@ from lorakit.formats.kohya import ModuleTensors
 
 class ToolError(ValueError):
     """A file tool cannot do what was asked; the message names the file/module and what to do instead."""
+
+
+@dataclass
+class ResizeReport:
+    """What resize or merge-into-one-LoRA wrote: per module its algorithm, kind, ranks and kept ‖ΔW‖² share."""
+    modules: list[dict] = field(default_factory=list)  # name, algo, kind, old rank, new rank, retained energy
+    path: str = ""
+
+    def add(self, name: str, algo: str, shape: tuple, old_rank, new: "LowRank", retained: float) -> None:
+        kind = "conv" if len(shape) == 4 and tuple(shape[2:]) != (1, 1) else "linear"
+        self.modules.append({"name": name, "algo": algo, "kind": kind, "old_rank": old_rank,
+                             "new_rank": new.rank, "retained": retained})
+
+    def lines(self) -> list[str]:
+        out = [f"{'module':<72}{'algo':>10}{'kind':>7}{'rank':>11}{'kept ‖ΔW‖²':>12}"]
+        for m in self.modules:
+            out.append(f"{m['name']:<72}{m['algo']:>10}{m['kind']:>7}{str(m['old_rank']):>6} -> {m['new_rank']:<3}"
+                       f"{m['retained']:>11.2%}")
+        return out
 
 
 @dataclass
@@ -70,14 +90,18 @@ class LowRank:
         return out
 
 
+def dora_needs_base(path: str, parsed: ModuleTensors) -> ToolError:
+    return ToolError(f"{path}: module {parsed.name} is DoRA ({parsed.dora_axis} axis); its effective change "
+                     "W' − W needs the base model's weight (W' = m ⊙ (W + ΔW) / ‖W + ΔW‖): pass the base model "
+                     "with --base/-m, or bake it into a checkpoint with `lorakit merge --checkpoint BASE`")
+
+
 def from_parsed(parsed: ModuleTensors, path: str) -> LowRank:
     if parsed.algo.name != "lora":
         raise ToolError(f"{path}: module {parsed.name} is {parsed.algo.name}; this tool works on LoRA/LoCon "
-                        "modules (convert LoHa/LoKr with `lorakit extract` from merged checkpoints)")
+                        "modules (make it one with `lorakit resize`, which re-factorises LoHa/LoKr exactly)")
     if parsed.dora_axis is not None:  # W' − W depends on the base weight, which a LoRA file does not hold
-        raise ToolError(f"{path}: module {parsed.name} is DoRA ({parsed.dora_axis} axis); its effective change "
-                        "W' − W needs the base model's weight, so this tool cannot re-factorise or convert it "
-                        "without one (bake it into a checkpoint with `lorakit merge --checkpoint BASE`)")
+        raise dora_needs_base(path, parsed)
     w = parsed.weights
     return LowRank(parsed.name, w["down"], w["up"], parsed.alpha, w.get("mid"))
 
@@ -104,9 +128,10 @@ def choose_rank(s: torch.Tensor, rank: int, method: str | None = None, param: fl
     return max(1, min(keep, rank, s.numel()))
 
 
-def factorize(name: str, delta: torch.Tensor, rank: int, method: str | None = None,
+def factorize(name: str, delta: torch.Tensor, rank: int | None, method: str | None = None,
               param: float | None = None) -> tuple[LowRank, float]:
-    """Best rank-r LoRA of a dense ΔW (alpha = rank, so scale 1) and the share of ‖ΔW‖² it keeps."""
+    """Best rank-r LoRA of a dense ΔW (alpha = rank, so scale 1) and the share of ‖ΔW‖² it keeps; rank None:
+    the numerical rank (exact)."""
     u, s, vh = torch.linalg.svd(delta.double().reshape(delta.shape[0], -1), full_matrices=False)
     return _truncate(name, u, s, vh, delta.shape, rank, method, param)
 
@@ -119,8 +144,14 @@ def factorize_factors(name: str, up: torch.Tensor, down: torch.Tensor, shape: tu
     return _truncate(name, u, s, vh, shape, rank, method, param)
 
 
+def numerical_rank(s: torch.Tensor, shape: tuple) -> int:
+    """Singular values above float64 round-off of the largest (numpy's matrix_rank rule): keeping these is exact."""
+    tol = float(s[0]) * max(shape[0], math.prod(shape[1:])) * torch.finfo(torch.float64).eps if s.numel() else 0.0
+    return max(1, int((s > tol).sum()))
+
+
 def _truncate(name, u, s, vh, shape, rank, method, param) -> tuple[LowRank, float]:
-    keep = choose_rank(s, rank, method, param)
+    keep = choose_rank(s, numerical_rank(s, shape) if rank is None else rank, method, param)
     root = s[:keep].sqrt()
     up, down = u[:, :keep] * root, root[:, None] * vh[:keep]  # balanced: both factors carry sqrt(S)
     total = float((s ** 2).sum())
@@ -128,4 +159,4 @@ def _truncate(name, u, s, vh, shape, rank, method, param) -> tuple[LowRank, floa
     if len(shape) == 4:
         down = down.reshape(keep, shape[1], shape[2], shape[3])
         up = up[:, :, None, None]
-    return LowRank(name, down.float(), up.float(), float(keep)), retained
+    return LowRank(name, down, up, float(keep)), retained  # float64: callers pick the file dtype in tensors()

@@ -4,31 +4,24 @@ Each module's ΔW (scale included) is re-factorised to the best rank-r approxima
 alpha = r, so the strength is kept exactly at full rank and optimally below it. Unlike kohya's script,
 1x1 convs count as linear layers (they are attention projections in SD1/SD2) and only 3x3 kernels use
 --conv-rank; a rank above a layer's size is capped instead of failing.
+
+Every algorithm resizes to a LoRA/LoCon: LoHa and LoKr through the SVD of their exact ΔW, DoRA modules
+through that of W' − W (which needs the base model: --base). The report gives the kept ‖ΔW‖² per module.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
+from lorakit.formats.kohya import file_family
+from lorakit.tools.exact_delta import LayerSource, exact_delta, is_plain_lora
 from lorakit.tools.lora_files import DTYPES, check_output, norm_tensors, read_modules, split_norm_deltas, write_result
-from lorakit.tools.lowrank import factorize, factorize_factors, from_parsed
-
-
-@dataclass
-class ResizeReport:
-    modules: list[dict] = field(default_factory=list)  # name, kind, old rank, new rank, retained energy
-    path: str = ""
-
-    def lines(self) -> list[str]:
-        out = [f"{'module':<72}{'kind':>6}{'rank':>10}{'kept ‖ΔW‖²':>12}"]
-        for m in self.modules:
-            out.append(f"{m['name']:<72}{m['kind']:>6}{m['old_rank']:>5} -> {m['new_rank']:<3}{m['retained']:>11.2%}")
-        return out
+from lorakit.tools.lowrank import ResizeReport, factorize, factorize_factors, from_parsed
 
 
 def resize_file(src: str | os.PathLike, out: str | os.PathLike, rank: int | None = None,
                 conv_rank: int | None = None, method: str | None = None, param: float | None = None,
-                precision: str | None = None) -> ResizeReport:
+                precision: str | None = None, base: str | os.PathLike | None = None) -> ResizeReport:
+    """base: the model the file was trained on; needed for DoRA modules, optional for LoHa/LoKr (layer shapes)."""
     out = check_output(out, src)
     if rank is None and method is None:
         raise ValueError("give --rank R, or --dynamic METHOD --param P (with --rank as the cap)")
@@ -38,18 +31,12 @@ def resize_file(src: str | os.PathLike, out: str | os.PathLike, rank: int | None
     modules, norms = split_norm_deltas(modules)  # train_norm's deltas have no rank: carried over unchanged
     cap = rank if rank is not None else 1 << 30
     conv_cap = conv_rank if conv_rank is not None else cap
+    source = LayerSource(base, file_family(metadata, modules))
     tensors, report = {}, ResizeReport(path=str(out))
     for name, parsed in modules.items():
-        module = from_parsed(parsed, str(src))
-        is_3x3 = (module.is_conv and tuple(module.down.shape[2:]) != (1, 1)) or module.mid is not None
-        cap_here = conv_cap if is_3x3 else cap
-        if module.mid is None:
-            new, retained = factorize_factors(name, *module.factors(), module.weight_shape, cap_here, method, param)
-        else:  # Tucker core: rebuild ΔW, then factorise it as plain LoCon
-            new, retained = factorize(name, module.delta(), cap_here, method, param)
-        tensors.update(new.tensors(module.down.dtype))
-        report.modules.append({"name": name, "kind": "conv" if is_3x3 else "linear", "old_rank": module.rank,
-                               "new_rank": new.rank, "retained": retained})
+        new, retained, shape, old_rank, dtype = _resize_module(str(src), parsed, source, cap, conv_cap, method, param)
+        tensors.update(new.tensors(dtype))
+        report.add(name, _label(parsed), shape, old_rank, new, retained)
     tensors.update(norm_tensors([(norms, 1.0)]))
     metadata = dict(metadata)
     dynamic = method is not None
@@ -61,3 +48,23 @@ def resize_file(src: str | os.PathLike, out: str | os.PathLike, rank: int | None
     write_result(out, tensors, metadata, action, DTYPES.get(precision) if precision else None)
     return report
 
+
+def _resize_module(src: str, parsed, source: LayerSource, cap: int, conv_cap: int, method, param):
+    """Plain LoRA: the SVD from its factors (no dense ΔW); Tucker cores, LoHa, LoKr and DoRA: of the exact ΔW."""
+    if is_plain_lora(parsed):
+        module = from_parsed(parsed, src)
+        shape, old_rank, dtype = module.weight_shape, module.rank, module.down.dtype
+        delta = module.delta() if module.mid is not None else None
+    else:
+        delta, old_rank = exact_delta(src, parsed, source)
+        shape, dtype = tuple(delta.shape), next(iter(parsed.weights.values())).dtype
+    cap_here = conv_cap if len(shape) == 4 and tuple(shape[2:]) != (1, 1) else cap
+    if delta is None:
+        new, retained = factorize_factors(parsed.name, *module.factors(), shape, cap_here, method, param)
+    else:
+        new, retained = factorize(parsed.name, delta, cap_here, method, param)
+    return new, retained, shape, old_rank, dtype
+
+
+def _label(parsed) -> str:
+    return parsed.algo.name + ("+dora" if parsed.dora_axis is not None else "")
