@@ -106,3 +106,40 @@ def test_our_input_axis_file_records_the_axis_for_lycoris(tmp_path):
     meta = read_safetensors(save_network(net, tmp_path / "in.safetensors"))[1]
     args = json.loads(meta["ss_network_args"])
     assert (args["dora_wd"], args["wd_on_output"]) == ("True", "False")
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_lycoris_loads_our_input_axis_dora_file_with_its_network_args_and_matches(tmp_path, algo):
+    """Our default (input-axis) file. LyCORIS 4.1.3's create_network_from_weights always builds output-axis
+    modules, so its loader needs the file's ss_network_args (wd_on_output = False), as sd-scripts passes them
+    when it loads network_weights: create_network with them, then load_weights gives our outputs."""
+    unet, te, (ids, x, t) = models()
+    config = NetworkConfig(algo=algo, network_dim=4, network_alpha=2, conv_dim=4, conv_alpha=3, dora_wd=True,
+                           **({"factor": 4} if algo == "lokr" else {}))
+    net = create_network(unet, [te], config, seed=0)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if not name.endswith("magnitude"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    trained_magnitudes(net)
+    ours, ours_ctx = outputs(unet, te, ids, x, t)
+    path = save_network(net, tmp_path / "ours.safetensors")
+    net.restore()
+    tensors, meta = read_safetensors(path)
+    args = json.loads(meta["ss_network_args"])
+    assert args["wd_on_output"] == "False" and all(v.shape[0] == 1 for k, v in tensors.items()
+                                                      if k.endswith(".dora_scale"))
+    with lycoris_preset():
+        preset = tmp_path / "kohya_targets.toml"  # LyCORIS's own "full" preset crashes on diffusers U-Nets
+        preset.write_text(f"unet_target_module = {UNET_CLASSES}\nunet_target_name = []\n")
+        theirs_net = lycoris_kohya.create_network(1.0, 4, 2.0, None, te_root(te), unet,
+                                                  **dict(args, preset=str(preset)))
+        theirs_net.apply_to(te_root(te), unet, True, True)
+    assert set(tensors) <= set(theirs_net.state_dict())  # every tensor of our file has a home in theirs
+    theirs_net.load_weights(str(path))
+    loras = theirs_net.unet_loras + theirs_net.text_encoder_loras
+    assert all(m.wd and not m.wd_on_out for m in loras)
+    theirs, theirs_ctx = outputs(unet, te, ids, x, t)
+    theirs_net.restore()
+    torch.testing.assert_close(theirs_ctx, ours_ctx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
