@@ -250,3 +250,24 @@ def test_tools_and_dataset_check_call_the_cli_functions_inside_the_roots(tmp_pat
         actions.block_weights(roots, str(lora), "/tmp/elsewhere.safetensors", "OUTS")
     with pytest.raises(PathNotAllowed):
         actions.inspect_report(roots, "/etc/hostname")
+
+
+def test_dora_toggle_sits_beside_the_algorithm_and_a_start_with_it_trains_dora(tmp_path, tiny_arch):
+    from lorakit.formats.safetensors_io import read_safetensors
+
+    specs = form_fields()
+    names = [s.name for s in specs]
+    dora = specs[names.index("dora_wd")]
+    assert (dora.label, dora.kind, dora.group, dora.default) == ("DoRA", "bool", "Network", False)
+    assert names.index("dora_wd") == names.index("algo") + 1  # beside LoRA/LoCon/LoHa/LoKr
+    values = style_values(tmp_path, max_train_steps=2, train_batch_size=1, network_dim=4, network_alpha=2.0,
+                          dora_wd=True)
+    manager = RunManager(Roots.of([tmp_path]))
+    os.environ["OMP_NUM_THREADS"] = "1"
+    files = manager.start(values, tiny_arch.conv_layers)
+    assert load_config(files.toml).dora_wd is True
+    assert manager.wait(300) == 0, manager.status().log_tail
+    tensors, meta = read_safetensors(files.output_dir / "gui.safetensors")
+    modules = {k.split(".")[0] for k in tensors}
+    assert modules and {k.split(".")[0] for k in tensors if k.endswith(".dora_scale")} == modules
+    assert json.loads(meta["ss_network_args"])["dora_wd"] == "True"

@@ -13,6 +13,7 @@ from lorakit.training.config import FIELDS, HINTS, PRESETS, base_type, default_o
 
 LABELS = {
     "pretrained_model_name_or_path": "Base model", "train_data_dir": "Dataset folder", "algo": "Algorithm",
+    "dora_wd": "DoRA",
     "network_dim": "Network Rank (Dimension)", "network_alpha": "Network Alpha",
     "conv_dim": "Convolution Rank (Dimension)", "conv_alpha": "Convolution Alpha",
     "block_dims": "Block dims", "block_alphas": "Block alphas", "conv_block_dims": "Conv block dims",
@@ -29,7 +30,7 @@ CUSTOM_PRESET = "custom"
 
 GROUPS = {  # the Training tab's sections in order; every other field lands in "Advanced"
     "Model and data": ("pretrained_model_name_or_path", "train_data_dir", "resolution", "train_batch_size"),
-    "Network": ("algo", "network_dim", "network_alpha", "conv_dim", "conv_alpha"),
+    "Network": ("algo", "dora_wd", "network_dim", "network_alpha", "conv_dim", "conv_alpha"),  # DoRA: any algorithm
     "Block dims": ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "block_lr_weights"),
     "Optimisation": ("learning_rate", "unet_lr", "text_encoder_lr", "optimizer_type", "lr_scheduler",
                      "lr_warmup_steps", "max_train_epochs", "max_train_steps"),
