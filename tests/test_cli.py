@@ -70,6 +70,11 @@ def test_demo_runs_end_to_end_in_a_subprocess(tmp_path):
     assert "report:" in proc.stdout and "sepia" in proc.stdout
     summary = json.loads((tmp_path / "demo.json").read_text())
     assert "none" in summary["style_score"] and len(summary["evaluations"]) == 2
+    # it says in plain words what the comparison found, the brief's claim and the embedded model's limit
+    assert "What the comparison found" in proc.stdout and "conv layers carry style" in summary["findings"]
+    assert "cannot draw fine texture" in summary["findings"] and "What the comparison found" in report
+    with open(tmp_path / "data" / "5_sepia" / "000.txt") as caption:
+        assert "sepia" not in caption.read()  # the base model's own caption grammar: the LoRA carries the style
 
 
 def test_grid_command_writes_png_cells_and_json(tiny_folder, tmp_path, capsys):

@@ -90,3 +90,29 @@ def test_validation_is_bit_identical_across_interrupt_and_resume(sepia, tmp_path
     assert history(tmp_path / "b")["validation"] == history(tmp_path / "a")["validation"]
     steps = [r["step"] for r in history(tmp_path / "a")["validation"]]
     assert steps == [0, 2, 3, 4, 6, 8, 9]  # every 2 steps, every epoch end (3, 6, 9), never twice at one step
+
+
+def test_caption_only_check_when_too_few_images_leaves_training_untouched(tmp_path):
+    """3 images: too few to split. Every image trains, the check is said once, and the run's losses are
+    bit-identical to the same run without validation (the check draws nothing from the run's streams)."""
+    data = styles.write_style_dataset(tmp_path / "d3", count=3, repeats=2, seed=0, style="sepia")
+    checked, with_check = run(data, tmp_path / "a", max_train_epochs=1, train_batch_size=2, validation_split=0.5)
+    _, without = run(data, tmp_path / "b", max_train_epochs=1, train_batch_size=2, validation_split=None)
+    assert with_check.losses == without.losses and len(checked.report.items) == 3
+    said = [n for n in checked.report.notes if "caption-only" in n]
+    assert len(said) == 1 and "3 training image(s) are too few" in said[0]
+    records = history(tmp_path / "a")["validation"]
+    assert [r["kind"] for r in records] == ["caption_only"] * 2 and records[0]["images"] == 3
+    assert checked.held_out.captions[0] not in {i.caption for i in checked.report.items}
+    assert set(KINDS) == {"split", "caption_only"}
+    assert history(tmp_path / "b")["validation"] == []  # validation_split 0: none
+
+
+def test_resolution_unset_is_the_models_native_size(tiny_folder, tmp_path):
+    assert build_config({}).resolution is None
+    assert coerce("resolution", "96,64") == [96, 64] and coerce("resolution", 512) == [512, 512]  # kohya's forms
+    assert native_resolution() == 64 and native_resolution(tiny_folder) == 64  # latent 8 x the VAE's 8x
+    unet, vae, text_encoder = build_components(0)
+    unet.register_to_config(sample_size=16)  # a model made for 128 px: read from the file, not assumed
+    save_single_file(tmp_path / "m.safetensors", "sd1", unet, vae, [text_encoder])
+    assert native_resolution(tmp_path / "m.safetensors") == 128

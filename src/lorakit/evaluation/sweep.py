@@ -108,8 +108,9 @@ def train_spread(base: dict, chosen: list[Variant], root: Path, devices: list[st
 
 
 def run_sweep(base: dict, axes: list[tuple[str, list[str]]], root: str | Path, plan: EvalPlan,
-              devices: list[str] | None = None, renderer: Renderer | None = None) -> dict:
-    """Train every variant (spread over `devices` when there are several), then evaluate and report."""
+              devices: list[str] | None = None, renderer: Renderer | None = None, style=None, findings=None) -> dict:
+    """Train every variant (spread over `devices` when there are several), then evaluate and report.
+    style, findings: as evaluate_sweep."""
     root = Path(root)
     chosen = variants(base, axes)
     for variant in chosen:  # build every config first: a bad combination fails before any training
@@ -118,7 +119,7 @@ def run_sweep(base: dict, axes: list[tuple[str, list[str]]], root: str | Path, p
         train_spread(base, chosen, root, devices)
     else:
         train_in_turn(base, chosen, root, devices[0] if devices else None)
-    return evaluate_sweep(base, chosen, root, plan, renderer)
+    return evaluate_sweep(base, chosen, root, plan, renderer, style, findings)
 
 
 def dataset_images(base: dict, size: int) -> list:
@@ -149,7 +150,9 @@ def report_run(folder: str | Path, output_name: str, plan: EvalPlan, data_dir: s
 
 
 def evaluate_sweep(base: dict, chosen: list[Variant], root: Path, plan: EvalPlan,
-                   renderer: Renderer | None = None) -> dict:
+                   renderer: Renderer | None = None, style=None, findings=None) -> dict:
+    """style: a detector (image -> score) for the verdicts' style signal; findings: (evaluations) -> plain words
+    on what the comparison found, shown in the report under the verdict table and kept in the summary."""
     renderer = renderer or Renderer(base.get("pretrained_model_name_or_path"))
     data = dataset_images(base, plan.size)
     base_set = render_set(renderer, plan, "none")
@@ -158,9 +161,11 @@ def evaluate_sweep(base: dict, chosen: list[Variant], root: Path, plan: EvalPlan
         files = epoch_files(root / variant.name, variant.name)
         conv_dim = int(float(variant.settings.get("conv_dim", base.get("conv_dim", 0)) or 0))
         evaluations.append(evaluate_run(renderer, files, plan, data, variant.name, conv_dim, base=base_set,
-                                        folder=str(root / variant.name)))
+                                        folder=str(root / variant.name), style=style))
     summary = {"variants": [v.__dict__ for v in chosen], "evaluations": [e.to_json() for e in evaluations],
                "plan": plan.__dict__}
+    summary["findings"] = findings(evaluations) if findings else None
     atomic_write(root / "sweep.json", json.dumps(summary, indent=1, default=str))
-    summary["report"] = str(write_sweep_report(root, chosen, evaluations, plan, renderer))
+    summary["report"] = str(write_sweep_report(root, chosen, evaluations, plan, renderer,
+                                               findings=summary["findings"]))
     return summary

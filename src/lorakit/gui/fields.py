@@ -22,7 +22,9 @@ LABELS = {
     "optimizer_type": "Optimizer", "lr_scheduler": "LR scheduler", "max_train_epochs": "Epochs",
     "max_train_steps": "Max train steps", "sample_prompts": "Sample prompts", "sample_every_n_epochs":
     "Sample every N epochs", "train_batch_size": "Batch size", "output_dir": "Output folder",
-    "output_name": "Output name",
+    "output_name": "Output name", "validation_split": "Validation split (held-out share)",
+    "validation_seed": "Validation seed", "validate_every_n_epochs": "Validate every N epochs",
+    "validate_every_n_steps": "Validate every N steps", "max_validation_steps": "Max validation images",
 }
 CHOICE_LABELS = {"algo": {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr"}}
 PRESET_LABELS = {"character": "character", "style": "style", "character-style": "character + style"}
@@ -34,6 +36,8 @@ GROUPS = {  # the Training tab's sections in order; every other field lands in "
     "Block dims": ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "block_lr_weights"),
     "Optimisation": ("learning_rate", "unet_lr", "text_encoder_lr", "optimizer_type", "lr_scheduler",
                      "lr_warmup_steps", "max_train_epochs", "max_train_steps"),
+    "Validation": ("validation_split", "validation_seed", "validate_every_n_epochs", "validate_every_n_steps",
+                   "max_validation_steps"),
     "Samples and outputs": ("sample_prompts", "sample_every_n_epochs", "output_dir", "output_name",
                             "save_every_n_epochs", "save_precision", "save_state"),
 }

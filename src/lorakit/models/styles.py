@@ -109,9 +109,10 @@ def style_score(style: str, image: np.ndarray) -> float:
 
 
 def write_style_dataset(folder: str | Path, count: int = 8, repeats: int = 4, seed: int = 0,
-                        style: str = "sepia") -> Path:
-    """kohya layout: `folder/{repeats}_{style}/NNN.png` + `.txt` captions '<scene caption>, <style>'.
-    Returns the folder to pass as train_data_dir."""
+                        style: str = "sepia", tagged: bool = True) -> Path:
+    """kohya layout: `folder/{repeats}_{style}/NNN.png` + `.txt` captions '<scene caption>, <style>', or with
+    tagged=False the bare scene caption (the base model's own caption grammar: the LoRA alone carries the
+    style). Returns the folder to pass as train_data_dir."""
     rng = random.Random(seed)
     subset = Path(folder) / f"{repeats}_{style}"
     subset.mkdir(parents=True, exist_ok=True)
@@ -120,14 +121,16 @@ def write_style_dataset(folder: str | Path, count: int = 8, repeats: int = 4, se
     for i in range(count):
         scene = rng.choice(scenes)
         Image.fromarray(transform(shapes.render(scene, rng))).save(subset / f"{i:03d}.png")
-        (subset / f"{i:03d}.txt").write_text(f"{scene.caption}, {style}\n", encoding="utf-8")
+        caption = f"{scene.caption}, {style}" if tagged else scene.caption
+        (subset / f"{i:03d}.txt").write_text(f"{caption}\n", encoding="utf-8")
     return Path(folder)
 
 
-def style_prompts(count: int = 4, seed: int = 1, trigger: str = "sepia") -> list[str]:
-    """Prompts in the trained style (held-out scenes), for samples and grids."""
+def style_prompts(count: int = 4, seed: int = 1, trigger: str | None = "sepia") -> list[str]:
+    """Prompts in the trained style, for samples and grids; trigger None: bare scene captions."""
     rng = random.Random(seed)
-    return [f"{rng.choice(shapes.training_scenes()).caption}, {trigger}" for _ in range(count)]
+    captions = [rng.choice(shapes.training_scenes()).caption for _ in range(count)]
+    return [f"{c}, {trigger}" if trigger else c for c in captions]
 
 
 def unrelated_prompts(count: int = 4, seed: int = 2) -> list[str]:
