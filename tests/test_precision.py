@@ -146,3 +146,17 @@ def test_precision_switches_that_cannot_run_here_are_refused_before_loading(tiny
         Trainer(train_config(tiny_folder, images, tmp_path, fp8_base_unet=True), device="cpu")
     with pytest.raises(ConfigError, match=r"full_bf16 = true needs mixed_precision = \"bf16\""):
         Trainer(train_config(tiny_folder, images, tmp_path, mixed_precision="fp16", full_bf16=True), device="cpu")
+
+
+def test_half_precision_on_a_cpu_without_native_bf16_is_said_before_training(tiny_folder, images, tmp_path,
+                                                                            monkeypatch, capsys):
+    """On an AVX2-only CPU bf16 convs fall back to slow kernels (a 3x3 conv measured ~70x fp32): the run says so."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    Trainer(train_config(tiny_folder, images, tmp_path, mixed_precision="bf16"))
+    assert "on a CPU without native bf16/fp16" in capsys.readouterr().err
+    Trainer(train_config(tiny_folder, images, tmp_path))  # fp32: nothing to say
+    assert "native bf16" not in capsys.readouterr().err
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    Trainer(train_config(tiny_folder, images, tmp_path, mixed_precision="bf16"))
+    assert "native bf16" not in capsys.readouterr().err

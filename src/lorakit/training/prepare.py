@@ -92,15 +92,17 @@ def prepare_samples(config: TrainConfig) -> list[SamplePrompt]:
         raise ConfigError(str(e)) from None
 
 
-def prepare_base(config: TrainConfig, device: torch.device | str = "cpu") -> BaseModel:
+def prepare_base(config: TrainConfig, device: torch.device | str = "cpu", base: BaseModel | None = None) -> BaseModel:
     """The base model, read straight into the run's dtypes (never an fp32 copy first under mixed_precision);
-    precision switches that cannot run on `device` are refused before anything loads."""
+    precision switches that cannot run on `device` are refused before anything loads. `base`: a model the
+    caller built in-process (in `choose(config).load_dtypes()`), checked like a loaded one."""
     problems = precision_problems(config, torch.device(device))
     if problems:
         raise ConfigError(f"{len(problems)} precision setting(s) cannot be used here:\n" +
                           "\n".join(f"  - {p}" for p in problems))
-    base = load_base_model(config.pretrained_model_name_or_path, dtype=choose(config).load_dtypes(),
-                           prediction_type="v_prediction" if config.v_parameterization else None)
+    if base is None:
+        base = load_base_model(config.pretrained_model_name_or_path, dtype=choose(config).load_dtypes(),
+                               prediction_type="v_prediction" if config.v_parameterization else None)
     if base.family == "sdxl" and config.clip_skip > 1:
         raise ConfigError("clip_skip does not apply to SDXL (it always uses the penultimate layers, as kohya "
                           "does); remove it")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from lorakit.formats.atomic import remove_stale_temp_files
 from lorakit.models import noise as nz
 from lorakit.models import objectives as obj
+from lorakit.models.checkpoint import BaseModel
 from lorakit.surgery.network import LoraNetwork
 from lorakit.formats.start import start_network
 from lorakit.training.captions import CaptionClock, process_caption
@@ -35,8 +36,8 @@ from lorakit.training.monitor import Monitor
 from lorakit.training.optim import apply_max_norm, make_optimizer, make_scheduler, resolve_warmup, schedule_options
 from lorakit.training.outputs import (StopRequest, TrainingInterrupted, TrainingStopped, epoch_file_stem, removed_epoch,
                                       removed_step, save_lora, step_file_stem)
-from lorakit.training.precision import (apply_release, cast_adapters, choose, deterministic_captions, make_scaler,
-                                       release_plan, to_fp8)
+from lorakit.training.precision import (apply_release, cast_adapters, choose, cpu_half_note, deterministic_captions,
+                                       make_scaler, release_plan, to_fp8)
 from lorakit.training.prepare import prepare_base, preflight, with_native_resolution
 from lorakit.training.sampling import render_samples
 from lorakit.training.state import Progress, load_state, save_state
@@ -118,7 +119,8 @@ def per_sample_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor, 
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, device: str | torch.device | None = None):
+    def __init__(self, config: TrainConfig, device: str | torch.device | None = None, base: BaseModel | None = None):
+        """`base`: a model built in-process (benchmarks, the Python API) instead of the config's file."""
         config, resolution_note = with_native_resolution(config)  # unset: the base model's native size
         self.config = config
         self.specs, self.report, self.prompts = preflight(config)  # every cheap check, before any model loads
@@ -129,8 +131,9 @@ class Trainer:
         self.device = self.procs.device
         self.tell([f"skipped: {p}" for p in self.report.problems] + [f"note: {n}" for n in self.report.notes])
         self.precision = choose(config)
-        self.base = prepare_base(config, self.device)
-        self.tell([f"note: {n}" for n in self.base.notes])
+        self.base = prepare_base(config, self.device, base)
+        half_note = cpu_half_note(config, self.device)
+        self.tell([f"note: {n}" for n in self.base.notes + ([half_note] if half_note else [])])
         pipe = self.base.pipeline
         pipe.set_progress_bar_config(disable=True)
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer

@@ -1,0 +1,75 @@
+"""benchmarks/train_step.py: the trainer's own step on an in-process random-weight model, measured per run."""
+import argparse
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_locon_run_trains_the_in_process_model_in_its_dtype_and_counts_its_parameters(tmp_path):
+    from lorakit.models.configs import build_unet
+    from lorakit.surgery.network import create_network
+
+    bench = load_script("train_step")
+    args = argparse.Namespace(tiny=True, steps=2, warmup=1, threads=1)
+    run = next(r for r in bench.RUNS if r.name == "sd1-256-bf16")
+    out = bench.run_locon(run, 64, args, tmp_path)
+    assert out["weight_bytes"] == 2  # the frozen U-Net was built and trained in bf16
+    assert len(out["losses"]) == 3 and all(math.isfinite(v) for v in out["losses"])
+    # an independent count: the same LoCon surgery on a fresh tiny U-Net
+    unet = build_unet("tiny-sd1")
+    net = create_network(unet, [], bench.bench_config(run, 64, tmp_path / "again", 1).network_config())
+    assert out["trainable"] == net.trainable_parameters() > 0
+    assert out["total"] == sum(p.numel() for p in unet.parameters())
+    assert 0 < out["share"] < 1 and out["step"] > 0 and out["floor"] > 0
+    assert out["peak"] > 2 * out["total"]  # at least the bf16 weights were resident
+
+
+def test_the_command_prints_the_table_on_stdout_and_progress_on_stderr():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--tiny", "--steps", "1", "--warmup", "1",
+           "--threads", "1", "--only", "sd1-256-fp32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| sd1-256-fp32 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    step, floor, peak = float(cells[1]), float(cells[3]), float(cells[6])
+    assert step > 0 and floor > 0 and cells[7].endswith("(est.)")
+    trainable, total = (int(n.replace(",", "")) for n in re.match(r"([\d,]+) / ([\d,]+)", cells[9]).groups())
+    # no full fine-tune ran: its estimate is this run's peak + 12 bytes per fp32 U-Net parameter
+    assert abs(float(cells[7].split()[0]) - (peak + 12 * total / 2 ** 30)) <= 0.011
+    assert 0 < trainable < total
+    assert "## SD1.5-architecture U-Net" in proc.stdout and "SDXL" not in proc.stdout
+    assert "starting" in proc.stderr and "starting" not in proc.stdout  # progress on stderr only
+
+
+@pytest.mark.slow  # ~1.5 CPU-minutes: eight tiny trainer runs, torch.compile rows included
+def test_gpu_script_tiny_runs_every_row_on_the_cpu_and_says_why_cuda_rows_are_skipped():
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny", "--steps", "1", "--warmup", "1"],
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "FAILED" not in proc.stdout
+    for model in ("## sd1 64 px", "## sdxl 64 px"):
+        table = proc.stdout.split(model)[1].split("\n\n")[1]
+        rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+        assert len(rows) == 7
+        for label in ("bf16, AdamW", "bf16, AdamW, grad ckpt", "bf16, AdamW, torch_compile"):
+            assert float(rows[label].split("|")[2]) > 0  # it/s measured through the trainer
+        assert "skipped: CUDA only (bitsandbytes)" in rows["bf16, AdamW8bit"]
+        assert "skipped: CUDA only (float8 weights)" in rows["bf16, AdamW, fp8_base"]
+        assert "skipped:" in rows["fp16, AdamW"]
