@@ -188,10 +188,13 @@ def test_short_run_trains_the_norm_deltas_and_nothing_of_the_base(tiny_folder, i
 
 
 def test_file_tools_merge_resize_and_convert_handle_norm_deltas(tiny_folder, tmp_path):
-    """merge into a checkpoint bakes w_norm/b_norm in at the ratio; resize carries them over bit for bit; merging
-    LoRAs sums them; convert --to diffusers refuses them by name."""
+    """merge into a checkpoint bakes w_norm/b_norm in at the ratio; extract counts the norm layers it leaves out;
+    resize carries them over bit for bit; merging LoRAs sums them; blocks scales both; convert --to diffusers
+    refuses them by name."""
     from lorakit.models.checkpoint import load_base_model, load_single_file
+    from lorakit.tools.blocks import apply_block_weights
     from lorakit.tools.convert import convert_file
+    from lorakit.tools.extract import extract_lora
     from lorakit.tools.lowrank import ToolError
     from lorakit.tools.merge import merge_into_checkpoint, merge_loras, parse_inputs
     from lorakit.tools.resize import resize_file
@@ -212,6 +215,9 @@ def test_file_tools_merge_resize_and_convert_handle_norm_deltas(tiny_folder, tmp
     merged = load_single_file(out, config_dir=tiny_folder).pipeline
     torch.testing.assert_close(probe(merged), applied, atol=2e-5, rtol=1e-4)
     source, _ = read_safetensors(path)
+    n_norms = sum(k.endswith(".w_norm") for k in source)
+    _, stats = extract_lora(str(tiny_folder), str(out), tmp_path / "e.safetensors", dim=4, conv_dim=4)
+    assert stats["norms_not_extracted"] == n_norms  # said, not silently dropped
     norm_keys = [k for k in source if k.endswith((".w_norm", ".b_norm"))]
     resize_file(path, tmp_path / "r.safetensors", rank=2)
     resized, _ = read_safetensors(tmp_path / "r.safetensors")
@@ -219,5 +225,9 @@ def test_file_tools_merge_resize_and_convert_handle_norm_deltas(tiny_folder, tmp
     merge_loras([(str(path), 0.5), (str(path), 0.25)], tmp_path / "s.safetensors")
     summed, _ = read_safetensors(tmp_path / "s.safetensors")
     assert all(torch.allclose(summed[k], source[k] * 0.75, atol=1e-7) for k in norm_keys)
+    halved, _ = read_safetensors(apply_block_weights(path, tmp_path / "b.safetensors", "ALL0.5")[0])
+    kept = [k for k in norm_keys if k in halved]  # the 17-value list leaves IN00, IN03, ... at 0: removed
+    assert kept and all(torch.equal(halved[k], source[k] * 0.5) for k in kept)
+    assert not any(k.endswith(".alpha") and k.replace(".alpha", ".w_norm") in source for k in halved)
     with pytest.raises(ToolError, match="train_norm norm delta"):
         convert_file(path, tmp_path / "d.safetensors", to="diffusers")

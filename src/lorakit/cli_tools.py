@@ -48,6 +48,9 @@ def _cmd_extract(args) -> int:
     out, stats = extract_lora(args.base, args.tuned, args.output, args.dim, args.conv_dim, precision=args.precision)
     print(f"extracted {stats['extracted']} modules ({stats['unchanged']} layers unchanged) -> {out}; "
           f"least kept ‖ΔW‖²: {stats['min_retained']:.2%}")
+    if stats["norms_not_extracted"]:
+        print(f"note: {stats['norms_not_extracted']} GroupNorm/LayerNorm layers differ too; a LoRA/LoCon holds "
+              "Linear/Conv changes only, so they are not in the file (as in kohya's extract)")
     return 0
 
 

@@ -3,7 +3,8 @@
 Accepts the LoRA Block Weight extension's presets and vectors: 17 or 26 values for SD1/SD2, 12 or 20 for
 SDXL (BASE = the text encoders first). As in LBW, short vectors leave the blocks they do not list at 0,
 and modules outside the 25 (SDXL: 20) blocks keep weight 1. A weight multiplies the module's first
-factor (LoRA up, LoHa w1a, LoKr w1 or w1a); weight 0 removes the module, so its effect is exactly gone.
+factor (LoRA up, LoHa w1a, LoKr w1 or w1a; a train_norm delta, linear in both its tensors: w_norm and b_norm);
+weight 0 removes the module, so its effect is exactly gone.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ PRESETS_17 = {  # LBW's code defaults (17 values: BASE IN01 IN02 IN04 IN05 IN07 
     "OUTD": [1] + [0] * 7 + [1, 1, 1, 1] + [0] * 5, "OUTS": [1] + [0] * 11 + [1] * 5,
     "OUTALL": [1] + [0] * 7 + [1] * 9,
 }
-FIRST_FACTOR = {"lora": "up", "loha": "w1a", "lokr": ("w1", "w1a")}
+FIRST_FACTOR = {"lora": "up", "loha": "w1a", "lokr": ("w1", "w1a"), "norm": "w_norm"}
 
 
 def parse_weights(text: str, family: str) -> dict[str, float]:
@@ -80,11 +81,13 @@ def apply_block_weights(src: str | os.PathLike, out: str | os.PathLike, weights:
         factor = FIRST_FACTOR[parsed.algo.name]
         if isinstance(factor, tuple):
             factor = factor[0] if factor[0] in parsed.weights else factor[1]
+        norm = parsed.algo.name == "norm"
         for internal, tensor in parsed.weights.items():
             key = f"{name}.{parsed.algo.file_keys[internal]}"
-            tensors[key] = tensor * w if internal == factor else tensor
-        alpha = parsed.alpha if parsed.alpha is not None else 0.0  # 0 = "alpha = rank", as read
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+            tensors[key] = tensor * w if internal == factor or norm else tensor
+        if not norm:  # norm deltas are written without alpha, as LyCORIS does
+            alpha = parsed.alpha if parsed.alpha is not None else 0.0  # 0 = "alpha = rank", as read
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     if not tensors:
         raise ToolError(f"--weights {weights!r} removes every module of {src}; nothing would be left")
     action = {"tool": "blocks", "source": os.path.basename(str(src)), "weights": weights, **counts}

@@ -4,6 +4,8 @@ Both models load through the user path (single file or diffusers folder, same ar
 kohya would target is compared; ΔW = W_tuned - W_base is re-factorised by SVD to `dim` (linear and 1x1)
 or `conv_dim` (3x3; 0 skips them) with alpha = rank. Layers whose difference is negligible are skipped
 and counted. No quantile clamping: the result is the best rank-r approximation, not a clipped one.
+GroupNorm/LayerNorm layers (what train_norm adapts) are not extracted, as in kohya's script: the ones whose
+weight or bias differs are counted (stats["norms_not_extracted"]) so the CLI can say so.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapters.functional.norm import is_trainable_norm
 from lorakit.formats.kohya import build_metadata
 from lorakit.models.checkpoint import load_base_model
 from lorakit.surgery.targets import find_targets
@@ -42,6 +45,7 @@ def extract_lora(base: str, tuned: str, out: str | os.PathLike, dim: int = 4, co
         tensors.update(module.tensors(torch.float32))
         stats["extracted"] += 1
         stats["min_retained"] = min(stats["min_retained"], retained)
+    stats["norms_not_extracted"] = _changed_norms(a, b, min_diff)
     if not tensors:
         raise ToolError(f"{base} and {tuned} do not differ in any targeted layer: nothing to extract")
     args = {"conv_dim": str(conv_dim), "conv_alpha": str(float(conv_dim))} if conv_dim else {}
@@ -49,3 +53,20 @@ def extract_lora(base: str, tuned: str, out: str | os.PathLike, dim: int = 4, co
     action = {"tool": "extract", "base": os.path.basename(str(base)), "tuned": os.path.basename(str(tuned)),
               "dim": dim, "conv_dim": conv_dim, **stats}
     return write_result(out, tensors, metadata, action, DTYPES.get(precision) if precision else None), stats
+
+
+def _changed_norms(a, b, min_diff: float) -> int:
+    """How many GroupNorm/LayerNorm layers inside the targeted modules (train_norm's choice) differ."""
+    def norms(model):
+        return {t.name: t.layer for t in find_targets(model.pipeline.unet, model.text_encoders, True, norms=True)
+                if is_trainable_norm(t.layer)}
+
+    tuned = norms(b)
+    count = 0
+    for name, layer in norms(a).items():
+        other = tuned.get(name)
+        if other is None:
+            continue
+        pairs = [(layer.weight, other.weight)] + ([(layer.bias, other.bias)] if layer.bias is not None else [])
+        count += any(float((y.double() - x.double()).abs().max()) > min_diff for x, y in pairs)
+    return count
