@@ -1,6 +1,6 @@
 """Forward+backward time of one adapted layer: lorakit vs lycoris-lora and peft, on SD1.5 layer shapes.
 
-    .venv/bin/python benchmarks/adapters.py [--reps 7] [--quick] [--threads 2] [--device cpu|cuda]
+    .venv/bin/python benchmarks/adapters.py [--reps 7] [--quick] [--threads 2] [--device cpu|cuda] [--algos dora]
 
 For every (layer shape, batch) it times the frozen layer alone (forward + grad of the input: the cost a
 frozen U-Net layer has in LoRA training) and, per algorithm, each implementation's adapted layer. All
@@ -9,6 +9,9 @@ implementations of a row run round-robin, so machine noise hits them alike; the 
 Columns: ours/best = our time over the faster reference (target <= 0.8); overhead = our time over the
 frozen layer; FLOP ratio = multiply-adds of our path over the frozen layer's; overhead/FLOPs = how far the
 time overhead exceeds the arithmetic (target <= 1.3).
+
+dora = LoRA with DoRA on the output axis (LyCORIS dora_wd with its default wd_on_output, peft use_dora: the
+axis all three share); lorakit builds W' = m ⊙ (W + ΔW)/‖W + ΔW‖ once per call and runs one layer op with it.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lorakit.adapters.functional.layer import LayerSpec  # noqa: E402
+from lorakit.adapters.modules.lora import LoRAOptions  # noqa: E402
 from lorakit.adapters.registry import get_algorithm  # noqa: E402
 
 RANK, ALPHA = 8, 4.0
@@ -31,7 +35,7 @@ SHAPES = [  # label, layer factory, input shape without batch
     ("conv3x3 1280->1280 @8x8", lambda: nn.Conv2d(1280, 1280, 3, padding=1), (1280, 8, 8)),
     ("linear 320->320 x4096 tok", lambda: nn.Linear(320, 320), (4096, 320)),
 ]
-ALGOS = ["lora", "loha", "lokr"]
+ALGOS = ["lora", "loha", "lokr", "dora"]
 
 
 class Holder(nn.Module):
@@ -44,7 +48,12 @@ class Holder(nn.Module):
 
 
 def ours(layer, algo):
-    adapter = get_algorithm(algo).module.create(LayerSpec.of(layer), RANK, ALPHA, device=layer.weight.device)
+    spec, device = LayerSpec.of(layer), layer.weight.device
+    if algo == "dora":
+        options = LoRAOptions(dora_wd=True, wd_on_output=True)
+        adapter = get_algorithm("lora").module.create(spec, RANK, ALPHA, options, device=device)
+    else:
+        adapter = get_algorithm(algo).module.create(spec, RANK, ALPHA, device=device)
     adapter.attach(layer)
     return layer, list(adapter.parameters()), adapter
 
@@ -54,8 +63,9 @@ def lycoris(layer, algo, bypass):
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
-    cls = {"lora": LoConModule, "loha": LohaModule, "lokr": LokrModule}[algo]
-    module = cls("bench", layer, 1.0, RANK, ALPHA, bypass_mode=bypass).to(layer.weight.device)
+    cls = {"lora": LoConModule, "loha": LohaModule, "lokr": LokrModule, "dora": LoConModule}[algo]
+    dora = {"weight_decompose": True, "wd_on_out": True} if algo == "dora" else {}
+    module = cls("bench", layer, 1.0, RANK, ALPHA, bypass_mode=bypass, **dora).to(layer.weight.device)
     module.apply_to()
     return layer, list(module.parameters()), None
 
@@ -65,7 +75,8 @@ def peft(layer, algo):
 
     config = {"lora": LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["layer"]),
               "loha": LoHaConfig(r=RANK, alpha=ALPHA, target_modules=["layer"]),
-              "lokr": LoKrConfig(r=RANK, alpha=ALPHA, target_modules=["layer"])}[algo]
+              "lokr": LoKrConfig(r=RANK, alpha=ALPHA, target_modules=["layer"]),
+              "dora": LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["layer"], use_dora=True)}[algo]
     model = inject_adapter_in_model(config, Holder(layer))
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     return model, params, None
@@ -100,13 +111,13 @@ def time_round_robin(steps: dict, reps: int, sync) -> dict[str, float]:
     return {k: statistics.median(v) * 1000 for k, v in samples.items()}
 
 
-def bench_row(label, factory, shape, batch, reps, device, sync):
+def bench_row(label, factory, shape, batch, reps, device, sync, algos=ALGOS):
     torch.manual_seed(0)
     x = torch.randn(batch, *shape, device=device, requires_grad=True)
     frozen = factory().to(device).requires_grad_(False)
     grad_out = torch.randn_like(frozen(x))
     rows = []
-    for algo in ALGOS:
+    for algo in algos:
         impls = {"lorakit": lambda layer: ours(layer, algo),
                  "lycoris bypass": lambda layer: lycoris(layer, algo, True),
                  "lycoris rebuild": lambda layer: lycoris(layer, algo, False),
@@ -138,6 +149,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 3 reps")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--algos", default=",".join(ALGOS), help="comma-separated subset, e.g. dora")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
@@ -153,7 +165,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, factory, shape in SHAPES:
         for batch in batches:
-            for row in bench_row(label, factory, shape, batch, reps, device, sync):
+            for row in bench_row(label, factory, shape, batch, reps, device, sync, args.algos.split(",")):
                 label_, b, algo, base_ms, t, best, flop_ratio, mode = row
                 ms = t["lorakit"]
                 cells = [f"{t[k]:.1f}" if k in t else "n/a" for k in ("lycoris bypass", "lycoris rebuild", "peft")]
