@@ -134,8 +134,8 @@ class AdapterModule(nn.Module):
         positions = self._output_positions(x)
         base = positions * math.prod(self.spec.weight_shape)
         mode = mode or self._choose_mode(x)
-        if mode == "bypass":
-            return 2 * base + 3 * self.bypass_flops(positions)
+        if mode == "bypass":  # DoRA's bypass still builds ΔW for the norm ‖W + ΔW‖
+            return 2 * base + 3 * self.bypass_flops(positions) + (3 * self.build_flops() if self.dora_axis else 0)
         return 3 * base + 3 * self.build_flops()
 
     # the factor LyCORIS folds its use_scalar scalar into (lora_up, hada_w1_a, lokr_w1 / lokr_w1_a)
@@ -237,13 +237,13 @@ class AdapterModule(nn.Module):
         bypass: base conv (fwd + grad-input) + adapter path (3x its forward: fwd, grad-input, grad-weight)
         merged: base conv with W+ΔW (fwd + grad-input + grad-weight for ΔW) + building ΔW (3x in training)
         """
-        if self.dora_axis is not None:
-            return "merged"  # the norm needs the dense ΔW anyway: one conv with W' is the cheaper path
         positions = self._output_positions(x)
         adapter = self.bypass_cost(positions)
         if adapter is None:
             return "merged"
         base = positions * math.prod(self.spec.weight_shape)
+        if self.dora_axis is not None:  # both paths build ΔW for the norm; bypass saves W's weight gradient
+            return "bypass" if torch.is_grad_enabled() and 3 * adapter < base else "merged"
         build = self.build_flops()
         if torch.is_grad_enabled():
             return "bypass" if 3 * adapter < base + 3 * build else "merged"

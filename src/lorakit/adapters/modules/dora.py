@@ -50,19 +50,19 @@ def applied_weight(module, weight: torch.Tensor, delta: torch.Tensor, multiplier
 def bypass_forward(module, x: torch.Tensor) -> torch.Tensor:
     """The layer output without building W' (exact): the ratio r = m/‖W + ΔW‖ per channel scales
     the output (output axis: W'x = r ⊙ (Wx + ΔWx)) or the input (input axis: W'x = (W + ΔW)(r ⊙ x)).
-    ΔW is still built once for the norm; the point is a base weight that is never rewritten."""
+    ΔW is still built once for the norm; the point is a base weight that gets no gradient.
+    Written as base + change so that step 0 (ratio exactly 1, ΔW = 0) is the layer's own output bit for bit:
+    output axis W'x + b = (Wx + b) + ΔWx + (r − 1)(Wx + ΔWx); input axis (W + ΔW)(r ⊙ x) + b."""
     layer, spec = module.layer, module.spec
-    weight = layer.weight
-    r = F_dora.ratio(weight, module.delta_weight(), module.magnitude, module.dora_axis)
+    r = F_dora.ratio(layer.weight, module.delta_weight(), module.magnitude, module.dora_axis)
     scale = F_dora.channel_scale(r, spec.is_conv).to(x.dtype)
-    w = weight if weight.dtype == x.dtype or weight.element_size() > 1 else weight.to(x.dtype)
     if module.dora_axis == "output":
-        y = (spec.apply(x, w) + module.bypass_delta(x)) * scale
+        base, delta = module._base(x), module.bypass_delta(x)
+        bias = 0 if layer.bias is None else (layer.bias.view(-1, 1, 1) if spec.is_conv else layer.bias)
+        y = base + delta + (scale - 1) * (base - bias + delta)
     else:
         xs = x * scale
-        y = spec.apply(xs, w) + module.bypass_delta(xs)
-    if layer.bias is not None:
-        y = y + (layer.bias.view(-1, 1, 1) if spec.is_conv else layer.bias)
+        y = module._base(xs) + module.bypass_delta(xs)
     if module.multiplier != 1.0:
         base = module._base(x)
         y = base + module.multiplier * (y - base)
