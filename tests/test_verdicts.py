@@ -101,12 +101,14 @@ def signal_directions(found: dict) -> dict[str, str]:
     return {s["name"].split(" (")[0]: s["direction"] for s in found["signals"]}
 
 
+@pytest.mark.slow  # three real training runs + sampled evaluations: ~15 min on 2 loaded cores
 def test_one_step_is_underfit(judged):
     found = judged["underfit"]
     assert found["kind"] == "underfit", found["line"]
     assert signal_directions(found)["validation loss"] == "not learned"
 
 
+@pytest.mark.slow  # three real training runs + sampled evaluations: ~15 min on 2 loaded cores
 def test_a_fitted_run_is_never_called_under_or_overfit(judged):
     """The held-out loss falls by far more than the bar; the sample-based signals of this tiny model wobble
     with the sampler (measured: style 22% / fidelity 25% of the way after 3 epochs, 7% / 5% after 4), so the
@@ -118,6 +120,7 @@ def test_a_fitted_run_is_never_called_under_or_overfit(judged):
         assert "validation loss says learned" in found["line"]
 
 
+@pytest.mark.slow  # three real training runs + sampled evaluations: ~15 min on 2 loaded cores
 def test_a_very_high_rate_on_two_images_is_overfit(judged):
     found = judged["overfit"]
     assert found["kind"] == "overfit", found["line"]
