@@ -80,7 +80,8 @@ def test_bucket_no_upscale_keeps_small_images_and_scales_large_ones_to_the_area(
     assert no_upscale_bucket((1024, 768), (512, 512), 64) == ((512, 384), (512, 384))
     small = noisy_image(tmp_path / "1_x" / "small.png", (200, 150))
     save(tmp_path / "1_x" / "tiny.png", (40, 300))  # narrower than one step: no bucket
-    config = build_config(dict(train_data_dir=str(tmp_path), enable_bucket=True, bucket_no_upscale=True))
+    config = build_config(dict(train_data_dir=str(tmp_path), enable_bucket=True, bucket_no_upscale=True,
+                               resolution=512))
     _, report = prepare_dataset(config)
     (item,) = report.items
     assert (item.bucket, item.resized) == ((192, 128), (200, 150))

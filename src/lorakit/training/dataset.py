@@ -72,7 +72,11 @@ def subset_defaults(config) -> dict:
     uses, and the last fallback of a dataset TOML's [[datasets.subsets]] < [[datasets]] < [general]."""
     names = {f.name for f in fields(config)} & ((SUBSET_KEYS | DATASET_KEYS) - PER_FOLDER_KEYS)
     values = {name: getattr(config, name) for name in names}
-    values.update(batch_size=config.train_batch_size, resolution=as_size(config.resolution))
+    values.update(batch_size=config.train_batch_size)
+    if config.resolution is None:  # unset: the trainer fills in the model's native size before this
+        values.pop("resolution", None)
+    else:
+        values.update(resolution=as_size(config.resolution))
     return values
 
 

@@ -50,6 +50,7 @@ def preflight(config: TrainConfig) -> tuple[list, DatasetReport, list[SampleProm
 
 
 def prepare_dataset(config: TrainConfig) -> tuple[list, DatasetReport]:
+    config = with_native_resolution(config)[0]  # API callers may pass it unset, as the trainer does
     source = config.dataset_config or config.train_data_dir
     if not source:
         raise ConfigError("set train_data_dir (a folder of `N_name` subfolders) or dataset_config (a TOML)")
@@ -128,7 +129,7 @@ def model_problems(config: TrainConfig, base: BaseModel) -> list[str]:
     vae = base.pipeline.vae
     factor = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent
     grid = 8 * factor
-    for side in dict.fromkeys(config.resolution):
+    for side in dict.fromkeys(config.resolution or ()):  # unset: the native size, on the grid by definition
         if side % grid:
             low, high = side // grid * grid, -(-side // grid) * grid
             out.append(f"resolution {side} is not a multiple of {grid} (8 x the VAE's {factor}x downsampling); "
