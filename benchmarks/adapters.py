@@ -11,7 +11,9 @@ frozen layer; FLOP ratio = multiply-adds of our path over the frozen layer's; ov
 time overhead exceeds the arithmetic (target <= 1.3).
 
 dora = LoRA with DoRA on the output axis (LyCORIS dora_wd with its default wd_on_output, peft use_dora: the
-axis all three share); lorakit builds W' = m ⊙ (W + ΔW)/‖W + ΔW‖ once per call and runs one layer op with it.
+axis all three share). A reference whose output does not change when its DoRA magnitude does is not computing
+DoRA (lycoris-lora 4.1.3's bypass mode drops weight_decompose): its cell reads "not DoRA" and it is left out
+of "best".
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def ours(layer, algo):
     else:
         adapter = get_algorithm(algo).module.create(spec, RANK, ALPHA, device=device)
     adapter.attach(layer)
-    return layer, list(adapter.parameters()), adapter
+    return layer, list(adapter.parameters()), adapter, getattr(adapter, "magnitude", None)
 
 
 def lycoris(layer, algo, bypass):
@@ -67,7 +69,7 @@ def lycoris(layer, algo, bypass):
     dora = {"weight_decompose": True, "wd_on_out": True} if algo == "dora" else {}
     module = cls("bench", layer, 1.0, RANK, ALPHA, bypass_mode=bypass, **dora).to(layer.weight.device)
     module.apply_to()
-    return layer, list(module.parameters()), None
+    return layer, list(module.parameters()), None, getattr(module, "dora_scale", None)
 
 
 def peft(layer, algo):
@@ -79,13 +81,24 @@ def peft(layer, algo):
               "dora": LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["layer"], use_dora=True)}[algo]
     model = inject_adapter_in_model(config, Holder(layer))
     params = [p for n, p in model.named_parameters() if p.requires_grad]
-    return model, params, None
+    magnitude = next((p for n, p in model.named_parameters() if "lora_magnitude_vector" in n), None)
+    return model, params, None, magnitude
 
 
 def randomize(params):
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.02)
+
+
+@torch.no_grad()
+def ignores_magnitude(model, magnitude, x) -> bool:
+    """True when doubling the DoRA magnitude leaves the output as it was: that path is not DoRA."""
+    before = model(x)
+    magnitude.mul_(2)
+    after = model(x)
+    magnitude.div_(2)
+    return torch.allclose(before, after)
 
 
 def step_fn(model, params, x, grad_out):
@@ -116,7 +129,7 @@ def bench_row(label, factory, shape, batch, reps, device, sync, algos=ALGOS):
     x = torch.randn(batch, *shape, device=device, requires_grad=True)
     frozen = factory().to(device).requires_grad_(False)
     grad_out = torch.randn_like(frozen(x))
-    rows = []
+    rows, not_dora = [], set()
     for algo in algos:
         impls = {"lorakit": lambda layer: ours(layer, algo),
                  "lycoris bypass": lambda layer: lycoris(layer, algo, True),
@@ -127,19 +140,22 @@ def bench_row(label, factory, shape, batch, reps, device, sync, algos=ALGOS):
             layer = factory().to(device).requires_grad_(False)
             layer.load_state_dict(frozen.state_dict())
             try:
-                model, params, maybe_adapter = build(layer)
+                model, params, maybe_adapter, magnitude = build(layer)
             except Exception as e:  # a reference that cannot wrap this layer is reported, not fatal
                 print(f"  {name} {algo} {label}: {type(e).__name__}: {e}", file=sys.stderr)
                 continue
             adapter = maybe_adapter or adapter
             randomize(params)
+            if algo == "dora" and (magnitude is None or ignores_magnitude(model, magnitude, x)):
+                not_dora.add(name)
+                continue
             steps[name] = step_fn(model, params, x, grad_out)
         times = time_round_robin(steps, reps, sync)
         base_ms = times.pop("frozen")
         refs = [v for k, v in times.items() if k != "lorakit"]
         flop_ratio = adapter.training_flops(x.detach()) / (2 * adapter._output_positions(x) *
                                                           frozen.weight.numel())
-        rows.append((label, batch, algo, base_ms, times, min(refs), flop_ratio, adapter._choose_mode(x)))
+        rows.append((label, batch, algo, base_ms, times, min(refs), flop_ratio, adapter._choose_mode(x), not_dora))
     return rows
 
 
@@ -166,9 +182,10 @@ def main():
     for label, factory, shape in SHAPES:
         for batch in batches:
             for row in bench_row(label, factory, shape, batch, reps, device, sync, args.algos.split(",")):
-                label_, b, algo, base_ms, t, best, flop_ratio, mode = row
+                label_, b, algo, base_ms, t, best, flop_ratio, mode, not_dora = row
                 ms = t["lorakit"]
-                cells = [f"{t[k]:.1f}" if k in t else "n/a" for k in ("lycoris bypass", "lycoris rebuild", "peft")]
+                cells = [f"{t[k]:.1f}" if k in t else "not DoRA" if k in not_dora else "n/a"
+                         for k in ("lycoris bypass", "lycoris rebuild", "peft")]
                 print(f"| {label_} | {b} | {algo} | {base_ms:.1f} | {ms:.1f} ({mode}) | {' | '.join(cells)} | "
                       f"{ms / best:.2f} | {ms / base_ms:.2f} | {flop_ratio:.2f} | {ms / base_ms / flop_ratio:.2f} |",
                       flush=True)

@@ -10,7 +10,7 @@ caption caching, the release of the VAE and text encoders, autocast, the loss, A
 of the steps after the warm-up (micro-batch start to optimizer step end).
 
 Beside each run: the floor (the same frozen U-Net without adapters, forward + backward to its input, same
-dtype, autocast and checkpointing), the adapters' FLOP share (torch.utils.flop_counter over forward +
+dtype, autocast and checkpointing; timed after each training step, alternating with them), the adapters' FLOP share (torch.utils.flop_counter over forward +
 backward on a meta-device copy: adapted minus bare, over bare), step / (floor x (1 + share)), trainable
 versus total U-Net parameters, and a full fine-tune's memory: measured for SD1.5 256 px fp32 (AdamW over the
 whole U-Net, the trainer's loss) when the machine has the memory, else estimated as this run's peak plus
@@ -217,9 +217,12 @@ def median_time(step, warmup: int, steps: int) -> float:
     return statistics.median(samples)
 
 
-def timed_steps(trainer) -> list[float]:
-    """Seconds of each optimizer step of trainer.run(): from its micro-batch's start to the optimizer step's end."""
-    times, started = [], []
+def timed_steps(trainer, floor_step=None) -> tuple[list[float], list[float]]:
+    """Seconds of each optimizer step of trainer.run() (from its micro-batch's start to the optimizer step's
+    end) and, with floor_step, the floor timed right after each step with the adapters detached: step and
+    floor alternate in one process, so a shared machine's drift hits both alike (measured: a floor timed
+    only after training read 2.3-5.4 s beside 2.8 s before it, on the same quiet machine)."""
+    times, floors, started = [], [], []
     micro_batch, optimizer_step = trainer.micro_batch, trainer._optimizer_step
 
     def timed_micro_batch(*args):
@@ -230,9 +233,15 @@ def timed_steps(trainer) -> list[float]:
         optimizer_step(*args)
         times.append(time.perf_counter() - started[0])
         started.clear()
+        if floor_step is not None:
+            trainer.network.restore()
+            t0 = time.perf_counter()
+            floor_step()
+            floors.append(time.perf_counter() - t0)
+            trainer.network.apply_to()
 
     trainer.micro_batch, trainer._optimizer_step = timed_micro_batch, timed_optimizer_step
-    return times
+    return times, floors
 
 
 def unet_params(unet) -> int:
@@ -245,16 +254,16 @@ def run_locon(run: Run, res: int, args, folder: Path) -> dict:
 
     cfg = bench_config(run, res, folder, args.warmup + args.steps)
     trainer = Trainer(cfg, "cpu", base=build_base(run.family, choose(cfg).load_dtypes(), args.tiny))
-    times = timed_steps(trainer)
+    inputs, dtype = unet_inputs(trainer.unet, res), choose(cfg).autocast
+    times, floors = timed_steps(trainer, lambda: fwd_bwd(trainer.unet, inputs, dtype))
     log(f"{run.name}: built, {peak_rss() / GIB:.2f} GiB; training {cfg.max_train_steps} steps")
     result = trainer.run()
-    peak = peak_rss()  # before the floor's own measurement
-    log(f"{run.name}: steps {', '.join(f'{s:.2f}' for s in times)} s; losses "
-        f"{', '.join(f'{v:.4f}' for v in result.losses)}")
+    peak = peak_rss()  # the floors run inside the training: same activations, no new peak
+    log(f"{run.name}: steps {', '.join(f'{s:.2f}' for s in times)} s; floors "
+        f"{', '.join(f'{s:.2f}' for s in floors)} s; losses {', '.join(f'{v:.4f}' for v in result.losses)}")
     trainer.network.restore()  # the same U-Net, mode and checkpointing, without adapters
-    inputs, dtype = unet_inputs(trainer.unet, res), choose(cfg).autocast
     share = flop_share(trainer.unet, trainer.network, inputs)
-    floor = median_time(lambda: fwd_bwd(trainer.unet, inputs, dtype), args.warmup, args.steps)
+    floor = statistics.median(floors[args.warmup:])
     unet = trainer.unet
     return dict(step=statistics.median(times[args.warmup:]), first=times[0], peak=peak, floor=floor, share=share,
                 trainable=trainer.network.trainable_parameters(), total=unet_params(unet),

@@ -108,3 +108,10 @@ def test_check_dataset_cli(messy, capsys):
     out = capsys.readouterr().out
     assert "7 usable, 70 per epoch" in out and "PROBLEM" in out and "empty.png" in out
     assert main(["check-dataset", str(messy / "nope")]) == 2
+
+
+def test_check_dataset_defaults_to_the_models_native_size(messy, capsys):
+    """Unset --resolution buckets at the base model's native size, as train does: the embedded model's 64."""
+    assert main(["check-dataset", str(messy)]) == 0
+    buckets = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("buckets"))
+    assert "64x64" in buckets and "512" not in buckets

@@ -243,6 +243,8 @@ def test_tools_and_dataset_check_call_the_cli_functions_inside_the_roots(tmp_pat
     finally:
         network.restore()
     assert "2 usable" in actions.dataset_report(roots, values["train_data_dir"], ".txt", 64)
+    native = actions.dataset_report(roots, values["train_data_dir"], ".txt", "")  # empty box: the model's size
+    assert "buckets     64x64" in native and "512" not in native
     assert "conv3x3 rank 32" in actions.inspect_report(roots, str(lora), modules=True)
     message = actions.block_weights(roots, str(lora), str(tmp_path / "outs.safetensors"), "OUTS")
     assert "removed" in message and (tmp_path / "outs.safetensors").is_file()

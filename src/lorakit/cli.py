@@ -28,7 +28,11 @@ def _cmd_demo(args) -> int:
 def _cmd_check_dataset(args) -> int:
     from lorakit.training.dataset import format_dataset_report, load_specs, scan
 
-    specs, notes = load_specs(args.target, args.caption_extension, args.resolution)
+    from lorakit.models.checkpoint import native_resolution
+
+    # unset: the base model's native size, as train uses (the embedded tiny model's 64 without --model)
+    resolution = args.resolution or native_resolution(args.model)
+    specs, notes = load_specs(args.target, args.caption_extension, resolution)
     report = scan(specs)
     report.notes[:0] = notes
     print(format_dataset_report(specs, report))
@@ -205,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-dataset", help="check images, captions, repeats and buckets before training")
     p.add_argument("target", help="folder of `N_name` subfolders, or a kohya dataset .toml")
     p.add_argument("--caption-extension", default=".txt")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=None,
+                   help="bucket size in px; unset: the native size of --model, as train uses")
+    p.add_argument("--model", default=None, help="the base model the dataset is for (a .safetensors/.ckpt file or "
+                                                 "diffusers folder); unset: the embedded tiny model, as train")
     p.set_defaults(func=_cmd_check_dataset)
     p = sub.add_parser("demo", help="the main job on the embedded tiny model: attention-only LoRA vs LoCon on a "
                                     "new style, grids, metrics, verdicts, HTML report")

@@ -19,12 +19,15 @@ def _optional_int(value) -> int | None:
     return None if value in (None, "") or value != value else int(value)  # NaN: an emptied number box
 
 
-def dataset_report(roots: Roots, target: str, caption_extension: str = ".txt", resolution="512") -> str:
-    """`lorakit check-dataset`, inline."""
+def dataset_report(roots: Roots, target: str, caption_extension: str = ".txt", resolution=None,
+                   model: str | None = None) -> str:
+    """`lorakit check-dataset`, inline. Resolution empty: the base model's native size, as training uses."""
+    from lorakit.models.checkpoint import native_resolution
     from lorakit.training.dataset import format_dataset_report, load_specs, scan
 
-    specs, notes = load_specs(roots.existing(target, "dataset folder"), caption_extension or ".txt",
-                              resolution or 512)
+    if not resolution:
+        resolution = native_resolution(roots.existing(model, "base model") if model else None)
+    specs, notes = load_specs(roots.existing(target, "dataset folder"), caption_extension or ".txt", resolution)
     report = scan(specs)
     report.notes[:0] = notes
     return format_dataset_report(specs, report)

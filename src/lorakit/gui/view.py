@@ -142,8 +142,9 @@ class TrainTab:
         preset.change(self.apply_preset, [preset], [self.why] + inputs)
         fill.click(self.fill_block_dims, [block_preset] + inputs, inputs)
         dataset = self.fields["train_data_dir"]
-        dataset.change(shown(lambda d, c, r: dataset_report(self.roots, d, c, r) if d else ""),
-                       [dataset, self.fields["caption_extension"], self.fields["resolution"]], [report])
+        dataset.change(shown(lambda d, c, r, m: dataset_report(self.roots, d, c, r, m) if d else ""),
+                       [dataset, self.fields["caption_extension"], self.fields["resolution"],
+                        self.fields["pretrained_model_name_or_path"]], [report])
         self.page_load = (self.refresh, inputs, [estimate_md, table] + conv_outputs)
 
     def build_settings(self):

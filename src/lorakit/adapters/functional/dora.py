@@ -49,11 +49,20 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _reduced_dims(weight: torch.Tensor, axis: str) -> tuple[int, ...]:
+    _check_axis(axis)
+    return tuple(d for d in range(weight.dim()) if d != (0 if axis == "output" else 1))
+
+
+def weight_sq(weight: torch.Tensor, axis: str) -> torch.Tensor:
+    """‖W‖² per output row or input column, kept in the magnitude's layout. Every DoRA norm goes through
+    this one reduction, so m = ‖W‖ and the step-0 norm ‖W + 0‖ are the same float bit for bit."""
+    return weight.square().sum(_reduced_dims(weight, axis), keepdim=True)
+
+
 def weight_norm(weight: torch.Tensor, axis: str) -> torch.Tensor:
     """‖W‖ per output row or input column, kept in the magnitude's layout."""
-    _check_axis(axis)
-    dims = tuple(d for d in range(weight.dim()) if d != (0 if axis == "output" else 1))
-    return torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
+    return weight_sq(weight, axis).sqrt()
 
 
 def init_magnitude(weight: torch.Tensor, axis: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -70,6 +79,37 @@ def ratio(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, ax
     norm = weight_norm(merged, axis)
     if detach_norm:
         norm = norm.detach()
+    return magnitude.to(dtype) / norm.clamp_min(torch.finfo(dtype).tiny)
+
+
+def lowrank_norm_sq(w_sq: torch.Tensor, weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                    scale: float, axis: str) -> torch.Tensor:
+    """‖W + s·U D‖² per row/column without forming U D: ‖W‖² + 2s⟨W, U D⟩ + s²‖U D‖², exactly.
+
+    W (out, in[, kh, kw]) with w_sq = weight_sq(W, axis); up U (out, r[, 1, 1]); down D (r, in[, kh, kw]).
+    Output row o:  ⟨W_o, (UD)_o⟩ = U_o · (W D^T)_o   and ‖(UD)_o‖² = U_o (D D^T) U_o^T.
+    Input column i (over out, kh, kw): ⟨W_:i, (UD)_:i⟩ = Σ (U^T W)_:i ⊙ D_:i   and ‖(UD)_:i‖² = Σ (U^T U D)_:i ⊙ D_:i.
+    One GEMM with W (out·in·k·r multiply-adds) and r-sized ones; no weight-sized temporaries, so DoRA's
+    norm and its gradient cost about what the rank-r path itself costs. ΔW = 0 gives w_sq exactly.
+    """
+    out, r = up.shape[0], down.shape[0]
+    u, w, d = up.reshape(out, r), weight.reshape(out, -1), down.reshape(r, -1)  # (out, r) (out, n) (r, n)
+    if axis == "output":
+        cross = (u * (w @ d.T)).sum(1)  # (out,)
+        quad = ((u @ (d @ d.T)) * u).sum(1)
+    else:
+        k = w.shape[1] // weight.shape[1]  # kernel positions per input channel
+        cross = ((u.T @ w) * d).reshape(r, -1, k).sum((0, 2))  # (in,)
+        quad = (((u.T @ u) @ d) * d).reshape(r, -1, k).sum((0, 2))
+    return w_sq + (2 * scale * cross + scale * scale * quad).reshape(w_sq.shape)
+
+
+def lowrank_ratio(w_sq: torch.Tensor, weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float,
+                  magnitude: torch.Tensor, axis: str) -> torch.Tensor:
+    """ratio() for ΔW = s·U D (LoRA/LoCon without Tucker), through lowrank_norm_sq."""
+    dtype = compute_dtype(weight, up, down, magnitude)
+    norm = lowrank_norm_sq(w_sq.to(dtype), weight.to(dtype), up.to(dtype), down.to(dtype), scale, axis)
+    norm = norm.clamp_min(0).sqrt()  # rounding could take an exactly-zero column just below 0
     return magnitude.to(dtype) / norm.clamp_min(torch.finfo(dtype).tiny)
 
 

@@ -101,8 +101,8 @@ class FusedLinearLoRA(torch.autograd.Function):
     """y = x W^T + b + scale · (x D^T) U^T for a frozen Linear, in one autograd node.
 
     The skinny rank-r GEMMs are memory-bound, so this avoids full-size passes: the adapter is accumulated
-    into the base GEMM's output in place (no separate scale and add), and backward runs grad through
-    [W | s·U] in one GEMM (grad read once for both input-side products). The base part is computed
+    into the base GEMM's output in place (no separate scale and add), and backward, over many tokens, runs
+    grad through [W | s·U] in one GEMM (grad read once for both input-side products). The base part is computed
     exactly as F.linear does (addmm with the bias), so a zero adapter gives bit-identical outputs.
     x [T, in], W [out, in] (frozen), b [out] | None (frozen), D [r, in], U [out, r].
     """
@@ -122,10 +122,15 @@ class FusedLinearLoRA(torch.autograd.Function):
         scale, in_features = ctx.scale, weight.shape[1]
         grad_x = grad_down = grad_up = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            both = grad @ torch.cat([weight, up * scale], dim=1)  # (T, in + r): grad read once
-            grad_h = both[:, in_features:]
+            if grad.shape[0] >= 2 * (in_features + up.shape[1]):
+                # many tokens: reading grad once for both products beats copying W into [W | s·U]
+                both = grad @ torch.cat([weight, up * scale], dim=1)  # (T, in + r)
+                grad_h, grad_w = both[:, in_features:], both[:, :in_features]
+            else:  # few tokens (deep levels, the 77 text tokens): the copy of W would cost more than grad
+                grad_h, grad_w = grad @ (up * scale), None
             if ctx.needs_input_grad[0]:
-                grad_x = torch.addmm(both[:, :in_features], grad_h, down)
+                grad_x = (torch.addmm(grad_w, grad_h, down) if grad_w is not None
+                          else torch.addmm(grad_h @ down, grad, weight))
             if ctx.needs_input_grad[3]:
                 grad_down = grad_h.T @ x
         if ctx.needs_input_grad[4]:

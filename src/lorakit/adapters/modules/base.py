@@ -114,6 +114,14 @@ class AdapterModule(nn.Module):
         y = self._base(x)
         return y + delta if self.multiplier == 1.0 else y + delta * self.multiplier
 
+    def undecomposed_bypass(self, x: torch.Tensor) -> torch.Tensor:
+        """Wx + b + ΔWx at multiplier 1 (DoRA's bypass scales this, or its input, per channel)."""
+        return self._base(x) + self.bypass_delta(x)
+
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(up (out, r[, 1, 1]), down (r, in[, kh, kw]), scale) when ΔW = scale · up @ down, else None."""
+        return None
+
     def bypass_flops(self, positions: int) -> int | None:
         return None
 

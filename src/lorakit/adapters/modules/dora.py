@@ -47,22 +47,45 @@ def applied_weight(module, weight: torch.Tensor, delta: torch.Tensor, multiplier
     return F_dora.dora_weight(weight, delta, module.magnitude, module.dora_axis, multiplier)
 
 
+def frozen_weight_sq(module, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """‖W‖² on the module's axis for a frozen weight, computed once and kept until the weight changes
+    (a merge, a load: anything that bumps its version or moves it)."""
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, dtype)
+    cached = module.__dict__.get("_frozen_weight_sq")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, F_dora.weight_sq(weight.to(dtype), module.dora_axis))
+        module.__dict__["_frozen_weight_sq"] = cached
+    return cached[1]
+
+
+def ratio(module) -> torch.Tensor:
+    """m / ‖W + ΔW‖ for the module's current weights, in the magnitude's layout (at least float32). For a
+    rank-r ΔW = s·U D over a frozen W the norm comes from the r-sized identity of lowrank_norm_sq instead of
+    building ΔW and W + ΔW (and their backward): same value, several weight-sized passes fewer."""
+    weight, factors = module.layer.weight, module.lowrank_factors()
+    if factors is None or weight.requires_grad:
+        return F_dora.ratio(weight, module.delta_weight(), module.magnitude, module.dora_axis)
+    up, down, scale = factors
+    dtype = F_dora.compute_dtype(weight, up, down, module.magnitude)
+    return F_dora.lowrank_ratio(frozen_weight_sq(module, weight, dtype), weight, up, down, scale,
+                                module.magnitude, module.dora_axis)
+
+
 def bypass_forward(module, x: torch.Tensor) -> torch.Tensor:
     """The layer output without building W' (exact): the ratio r = m/‖W + ΔW‖ per channel scales
     the output (output axis: W'x = r ⊙ (Wx + ΔWx)) or the input (input axis: W'x = (W + ΔW)(r ⊙ x)).
-    ΔW is still built once for the norm; the point is a base weight that gets no gradient.
+    The point is a base weight that gets no gradient (and, for LoRA, no ΔW built at all: see ratio()).
     Written as base + change so that step 0 (ratio exactly 1, ΔW = 0) is the layer's own output bit for bit:
-    output axis W'x + b = (Wx + b) + ΔWx + (r − 1)(Wx + ΔWx); input axis (W + ΔW)(r ⊙ x) + b."""
+    output axis, with y = Wx + b + ΔWx: W'x + b = y + (r − 1)(y − b); input axis (W + ΔW)(r ⊙ x) + b."""
     layer, spec = module.layer, module.spec
-    r = F_dora.ratio(layer.weight, module.delta_weight(), module.magnitude, module.dora_axis)
-    scale = F_dora.channel_scale(r, spec.is_conv).to(x.dtype)
+    scale = F_dora.channel_scale(ratio(module), spec.is_conv).to(x.dtype)
     if module.dora_axis == "output":
-        base, delta = module._base(x), module.bypass_delta(x)
-        bias = 0 if layer.bias is None else (layer.bias.view(-1, 1, 1) if spec.is_conv else layer.bias)
-        y = base + delta + (scale - 1) * (base - bias + delta)
+        y = module.undecomposed_bypass(x)
+        bias = None if layer.bias is None else (layer.bias.view(-1, 1, 1) if spec.is_conv else layer.bias)
+        y = torch.addcmul(y, scale - 1, y if bias is None else y - bias)
     else:
-        xs = x * scale
-        y = module._base(xs) + module.bypass_delta(xs)
+        y = module.undecomposed_bypass(x * scale)
     if module.multiplier != 1.0:
         base = module._base(x)
         y = base + module.multiplier * (y - base)

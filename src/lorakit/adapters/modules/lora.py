@@ -57,14 +57,29 @@ class LoRAModule(AdapterModule):
         return F_lora.bypass_delta(x, self.spec, self.down.to(dt), self.weights()["up"].to(dt), self.scale,
                                    None if mid is None else mid.to(dt), mask, self.dropouts.dropout, self.training)
 
-    def bypass_forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer, dt = self.layer, x.dtype
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        return None if "mid" in self.param_names else (self.weights()["up"], self.down, self.scale)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """The fused Linear node applies: it gives no gradient to the layer's own weight/bias, does not
+        autocast and has no dropouts."""
+        layer = self.layer
         dropping = self.training and (self.dropouts.dropout > 0.0 or self.dropouts.rank_dropout > 0.0)
-        # the fused node gives no gradient to the layer's own weight/bias and does not autocast
-        plain = (not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
-                 and layer.weight.dtype == dt and not torch.is_autocast_enabled(x.device.type))
-        if self.spec.is_conv or dropping or not plain or self.dora_axis is not None:
+        return (not self.spec.is_conv and not dropping and not layer.weight.requires_grad
+                and (layer.bias is None or not layer.bias.requires_grad) and layer.weight.dtype == x.dtype
+                and not torch.is_autocast_enabled(x.device.type))
+
+    def undecomposed_bypass(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable(x):
+            return super().undecomposed_bypass(x)
+        layer, dt = self.layer, x.dtype
+        return F_lora.fused_linear(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt),
+                                   self.scale)
+
+    def bypass_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dora_axis is not None or not self._fusable(x):
             return super().bypass_forward(x)
+        layer, dt = self.layer, x.dtype
         return F_lora.fused_linear(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt),
                                    self.scale * self.multiplier)
 
