@@ -51,7 +51,7 @@ class Run:
 
 
 RUNS = [Run(f"sd1-{r}-{p}{'-gc' if gc else ''}", "sd1", r, {"fp32": "no"}.get(p, p), gc)
-        for r in (256, 512) for p, gc in (("fp32", False), ("bf16", False), ("bf16", True))]
+        for r in (256, 512) for p, gc in (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))]
 RUNS += [Run("sd1-256-full", "sd1", 256, "no", kind="full"), Run("sdxl-512-bf16", "sdxl", 512, "bf16"),
          Run("sdxl-load-fp32", "sdxl", 512, "no", kind="load")]
 TARGETS = {"sd1-256-bf16": "<= 2.2 s/step, <= 4.0 GiB", "sd1-512-fp32": "<= 6.3 GiB",
