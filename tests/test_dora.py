@@ -199,6 +199,34 @@ def test_lowrank_norm_over_a_frozen_layer_is_the_closed_form(layer_name, axis):
         assert torch.allclose(g, p.grad, atol=1e-10), name
 
 
+@pytest.mark.parametrize("mode", ["bypass", "merged"])
+@pytest.mark.parametrize("axis", F_dora.AXES)
+def test_an_exactly_zero_row_or_column_gives_finite_gradients(axis, mode):
+    """‖W + ΔW‖ = 0 at step 0 for a zero row (output axis) or column (input axis): the norm's gradient there
+    is 0, as vector_norm's, not 0/0; the other rows still train."""
+    module, layer, x = dora_module("lora", "linear", axis, mode=mode)
+    layer.requires_grad_(False)
+    with torch.no_grad():
+        (layer.weight[2] if axis == "output" else layer.weight[:, 2]).zero_()
+        module.magnitude.copy_(F_dora.init_magnitude(layer.weight, axis, module.magnitude.dtype))
+    module(x).square().sum().backward()  # step 0: up = 0, so that row/column of W + ΔW is exactly zero
+    for name in module.param_names:
+        assert torch.isfinite(getattr(module, name).grad).all(), name
+    assert module.up.grad.abs().sum() > 0 and module.magnitude.grad.abs().sum() > 0
+
+
+def test_the_cached_weight_norm_follows_a_replaced_weight():
+    """A new weight tensor (even at a reused address, version 0) is another object: the ‖W‖² cache is rebuilt."""
+    module, layer, x = dora_module("lora", "linear", "output", mode="bypass")
+    layer.requires_grad_(False)
+    perturb(module)
+    for k in range(4):
+        layer.weight = torch.nn.Parameter(torch.randn(6, 8, dtype=torch.float64) * (k + 1), requires_grad=False)
+        expected = layer_output(layer, x, closed_form_weight(layer.weight, module.delta_weight().detach(),
+                                                             module.magnitude, "output"))
+        assert torch.allclose(module(x), expected, atol=1e-10), k
+
+
 @pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
 @pytest.mark.parametrize("axis", F_dora.AXES)
 def test_module_bf16_layer_and_magnitude_trains(algo, axis):

@@ -3,9 +3,11 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.functional import lokr as F_lokr
+from lorakit.adapters.functional import lora as F_lora
 from lorakit.adapters.functional.layer import LayerSpec
 from lorakit.adapters.modules.base import Dropouts
 from lorakit.adapters.modules.loha import LoHaOptions
@@ -268,3 +270,25 @@ def test_svd_of_product_equals_the_dense_svd_in_float64():
     dense = torch.linalg.svdvals(up @ down)
     torch.testing.assert_close(s, dense[:6])
     torch.testing.assert_close(u @ torch.diag(s) @ vh, up @ down)
+
+
+@pytest.mark.parametrize("tokens", [3, 100])  # under and over 2 x (in + r): grad via two GEMMs, or [W | sU] once
+def test_fused_linear_lora_equals_the_unfused_layer(tokens):
+    """Forward and every gradient of the fused node equal plain autograd in float64; a zero `up` gives the
+    frozen Linear's output bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, tokens, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    weight, bias = torch.randn(10, 12, dtype=torch.float64, generator=g), torch.randn(10, dtype=torch.float64, generator=g)
+    down = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.zeros(10, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(F_lora.fused_linear(x, weight, bias, down, up, 0.7), F.linear(x, weight, bias))
+    with torch.no_grad():
+        up.normal_(generator=g)
+    grad_out = torch.randn(2, tokens, 10, dtype=torch.float64, generator=g)
+    got = F_lora.fused_linear(x, weight, bias, down, up, 0.7)
+    grads = torch.autograd.grad(got, (x, down, up), grad_out)
+    plain = F.linear(x, weight, bias) + 0.7 * F.linear(F.linear(x, down), up)
+    expected = torch.autograd.grad(plain, (x, down, up), grad_out)
+    assert torch.allclose(got, plain, atol=1e-12)
+    for a, b in zip(grads, expected):
+        assert torch.allclose(a, b, atol=1e-12)

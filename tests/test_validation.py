@@ -11,7 +11,7 @@ from lorakit.models.tiny import build_components
 from lorakit.training.config import build_config, coerce
 from lorakit.training.dataset import load_specs, scan
 from lorakit.training.trainer import Trainer, TrainingInterrupted
-from lorakit.training.validation import KINDS, split_items, timestep_grid
+from lorakit.training.validation import KINDS, split_datasets, split_items, timestep_grid
 
 from test_training_run import interrupt_at
 
@@ -57,6 +57,37 @@ def test_split_is_seeded_and_never_holds_out_regularization_images(sepia):
     assert {i.path.name for i in kept}.isdisjoint(paths(held)) and len(kept) == 6
     assert held.captions == [i.caption for i in held.items]  # the captions as trained (no prefix here)
     assert split_items(report, 0.0, 7) == (report.items, None)
+
+
+def test_a_dataset_toml_sets_validation_split_per_dataset_as_kohya(sepia, tmp_path):
+    """sd-scripts' dataset schema takes validation_split / validation_seed in [general] and [[datasets]]: each
+    dataset draws from its own images; the training config fills in what the TOML leaves unset."""
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f"""[general]
+validation_seed = 7
+resolution = 64
+
+[[datasets]]
+validation_split = 0.25
+  [[datasets.subsets]]
+  image_dir = "{sepia / '2_sepia'}"
+
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "{sepia / '2_sepia'}"
+  num_repeats = 1
+""")
+    specs, _ = load_specs(toml)
+    assert [(s.validation_split, s.validation_seed) for s in specs] == [(0.25, 7), (None, 7)]
+    report = scan(specs)
+    kept, held = split_datasets(report, specs, split=0.0, seed=0)  # the config: no split of its own
+    first = {id(sub) for sub in specs[0].subsets}
+    assert held.kind == "split" and len(held.items) == 2 and all(id(i.subset) in first for i in held.items)
+    assert sorted(i.path.name for i in held.items) == sorted(f"{n:03d}.png" for n in random.Random(7).sample(range(8), 2))
+    assert len(kept) == 14 and any("[[datasets]] #1: validation: 2 of 8" in n for n in report.notes)
+    # one value everywhere ([general] or the config alike): one draw over all images, as split_items
+    same = scan(specs)
+    assert split_datasets(same, specs, split=0.25, seed=7)[1].items == split_items(scan(specs), 0.25, 7)[1].items
 
 
 def test_validation_loss_identical_for_identical_weights_and_lower_after_fitting(sepia, tmp_path, monkeypatch):

@@ -59,6 +59,9 @@ class DatasetSpec:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    # kohya's per-dataset validation keys; None: the training config's (training/validation.split_datasets)
+    validation_split: float | None = None
+    validation_seed: int | None = None
 
 
 SUBSET_KEYS = {f.name for f in fields(Subset)}

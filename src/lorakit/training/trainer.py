@@ -42,7 +42,7 @@ from lorakit.training.prepare import prepare_base, preflight, with_native_resolu
 from lorakit.training.sampling import render_samples
 from lorakit.training.state import Progress, load_state, save_state
 from lorakit.training.text_encoding import encode_text, encode_text_sdxl
-from lorakit.training.validation import Validation, split_items
+from lorakit.training.validation import Validation, split_datasets
 
 __all__ = ["Trainer", "TrainResult", "TrainingStopped", "TrainingInterrupted", "train"]
 
@@ -126,7 +126,8 @@ class Trainer:
         self.specs, self.report, self.prompts = preflight(config)  # every cheap check, before any model loads
         self.report.notes[:0] = resolution_note
         seed = config.seed if config.validation_seed is None else config.validation_seed
-        self.report.items, self.held_out = split_items(self.report, config.validation_split, seed)  # never trained
+        self.report.items, self.held_out = split_datasets(self.report, self.specs, config.validation_split,
+                                                          seed)  # never trained
         self.procs = Processes(device)
         self.device = self.procs.device
         self.tell([f"skipped: {p}" for p in self.report.problems] + [f"note: {n}" for n in self.report.notes])

@@ -30,7 +30,7 @@ from lorakit.models import noise as nz
 from lorakit.models import objectives as obj
 from lorakit.training.captions import CaptionClock, process_caption
 from lorakit.training.data import encode, image_tensor
-from lorakit.training.dataset import DatasetReport, ImageItem
+from lorakit.training.dataset import DatasetReport, DatasetSpec, ImageItem
 
 MIN_SPLIT_IMAGES = 4  # below this a split leaves too little on one side to mean anything
 GRID_POINTS = 5  # timesteps per image: coarse enough to be cheap, spread over the whole noise range
@@ -83,6 +83,38 @@ def split_items(report: DatasetReport, split: float, seed: int) -> tuple[list[Im
                         + ", ".join(item.path.name for item in out[:8]) + (" ..." if count > 8 else ""))
     return [item for n, item in enumerate(items) if n not in held], HeldOut(out, [plain_caption(i) for i in out],
                                                                             "split")
+
+
+def split_datasets(report: DatasetReport, specs: list[DatasetSpec], split: float, seed: int
+                   ) -> tuple[list[ImageItem], HeldOut | None]:
+    """split_items, with kohya's per-dataset keys: a dataset TOML's [[datasets]] (or [general]) may set its own
+    validation_split / validation_seed, the training config's values filling in the rest. Where every dataset
+    ends up with the same pair, this is split_items over all images (one seeded draw, as before); otherwise
+    each dataset draws from its own images, and a dataset too small to split trains on all of them."""
+    def own(spec):
+        return (split if spec.validation_split is None else spec.validation_split,
+                seed if spec.validation_seed is None else spec.validation_seed)
+
+    plans = [own(spec) for spec in specs]
+    if len(set(plans)) <= 1:
+        return split_items(report, *(plans[0] if plans else (split, seed)))
+    trained, held = [], []
+    for number, (spec, (part_split, part_seed)) in enumerate(zip(specs, plans), 1):
+        mine = {id(sub) for sub in spec.subsets}
+        part = DatasetReport(items=[i for i in report.items if id(i.subset) in mine])
+        kept, out = split_items(part, part_split, part_seed)
+        if out is not None and out.kind == "split":
+            trained += kept
+            held.append(out)
+            report.notes += [f"[[datasets]] #{number}: {note}" for note in part.notes]
+        else:
+            trained += part.items
+            if part_split:
+                report.notes.append(f"[[datasets]] #{number}: validation_split = {part_split:g}: too few images "
+                                    f"to hold any out ({len(part.items)}); all of them train")
+    if not held:  # no dataset could hold images out: the run-level fallback (the caption-only check)
+        return split_items(report, max(p for p, _ in plans), seed)
+    return trained, HeldOut([i for h in held for i in h.items], [c for h in held for c in h.captions], "split")
 
 
 class Validation:

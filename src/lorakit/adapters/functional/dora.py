@@ -60,9 +60,16 @@ def weight_sq(weight: torch.Tensor, axis: str) -> torch.Tensor:
     return weight.square().sum(_reduced_dims(weight, axis), keepdim=True)
 
 
+def norm_from_sq(sq: torch.Tensor) -> torch.Tensor:
+    """sqrt with gradient 0 (as vector_norm has), not 0/0 = NaN, where a row or column is exactly zero; values
+    are sqrt's own, bit for bit. Negative inputs (rounding below an exact zero) count as zero."""
+    positive = sq > 0
+    return torch.where(positive, torch.where(positive, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+
+
 def weight_norm(weight: torch.Tensor, axis: str) -> torch.Tensor:
     """‖W‖ per output row or input column, kept in the magnitude's layout."""
-    return weight_sq(weight, axis).sqrt()
+    return norm_from_sq(weight_sq(weight, axis))
 
 
 def init_magnitude(weight: torch.Tensor, axis: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -108,8 +115,8 @@ def lowrank_ratio(w_sq: torch.Tensor, weight: torch.Tensor, up: torch.Tensor, do
                   magnitude: torch.Tensor, axis: str) -> torch.Tensor:
     """ratio() for ΔW = s·U D (LoRA/LoCon without Tucker), through lowrank_norm_sq."""
     dtype = compute_dtype(weight, up, down, magnitude)
-    norm = lowrank_norm_sq(w_sq.to(dtype), weight.to(dtype), up.to(dtype), down.to(dtype), scale, axis)
-    norm = norm.clamp_min(0).sqrt()  # rounding could take an exactly-zero column just below 0
+    sq = lowrank_norm_sq(w_sq.to(dtype), weight.to(dtype), up.to(dtype), down.to(dtype), scale, axis)
+    norm = norm_from_sq(sq)  # rounding could take an exactly-zero column just below 0: it counts as 0
     return magnitude.to(dtype) / norm.clamp_min(torch.finfo(dtype).tiny)
 
 

@@ -142,8 +142,9 @@ class AdapterModule(nn.Module):
         positions = self._output_positions(x)
         base = positions * math.prod(self.spec.weight_shape)
         mode = mode or self._choose_mode(x)
-        if mode == "bypass":  # DoRA's bypass still builds ΔW for the norm ‖W + ΔW‖
-            return 2 * base + 3 * self.bypass_flops(positions) + (3 * self.build_flops() if self.dora_axis else 0)
+        if mode == "bypass":  # DoRA's bypass needs ‖W + ΔW‖: ΔW built (3B), or for LoRA W·Dᵀ and its grad (2B)
+            norm = (2 if self.lowrank_factors() is not None else 3) * self.build_flops() if self.dora_axis else 0
+            return 2 * base + 3 * self.bypass_flops(positions) + norm
         return 3 * base + 3 * self.build_flops()
 
     # the factor LyCORIS folds its use_scalar scalar into (lora_up, hada_w1_a, lokr_w1 / lokr_w1_a)
@@ -250,7 +251,7 @@ class AdapterModule(nn.Module):
         if adapter is None:
             return "merged"
         base = positions * math.prod(self.spec.weight_shape)
-        if self.dora_axis is not None:  # both paths build ΔW for the norm; bypass saves W's weight gradient
+        if self.dora_axis is not None:  # both paths pay for the norm; bypass saves W's weight gradient
             return "bypass" if torch.is_grad_enabled() and 3 * adapter < base else "merged"
         build = self.build_flops()
         if torch.is_grad_enabled():

@@ -9,6 +9,8 @@ These functions take the module (not imported here: base.py imports this file).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from lorakit.adapters.functional import dora as F_dora
@@ -48,15 +50,17 @@ def applied_weight(module, weight: torch.Tensor, delta: torch.Tensor, multiplier
 
 
 def frozen_weight_sq(module, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """‖W‖² on the module's axis for a frozen weight, computed once and kept until the weight changes
-    (a merge, a load: anything that bumps its version or moves it)."""
-    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, dtype)
+    """‖W‖² on the module's axis for a frozen weight, computed once and kept while it is the same tensor with
+    the same contents (a merge or an in-place load bumps its version; a replaced weight is another object:
+    a weak reference tells them apart, where a reused memory address would not). Writes through `.data`
+    bypass the version counter: lorakit makes none to a frozen weight."""
+    key = (weight._version, weight.dtype, weight.device, dtype)
     cached = module.__dict__.get("_frozen_weight_sq")
-    if cached is None or cached[0] != key:
+    if cached is None or cached[0]() is not weight or cached[1] != key:
         with torch.no_grad():
-            cached = (key, F_dora.weight_sq(weight.to(dtype), module.dora_axis))
+            cached = (weakref.ref(weight), key, F_dora.weight_sq(weight.to(dtype), module.dora_axis))
         module.__dict__["_frozen_weight_sq"] = cached
-    return cached[1]
+    return cached[2]
 
 
 def ratio(module) -> torch.Tensor:
