@@ -1,7 +1,9 @@
 """Training precision: the frozen model held in the training dtype with fp32 adapter masters, fp16 loss scaling,
 the VAE and text encoders released once cached, and a bit-identical bf16 resume."""
 import gc
+import platform
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from lorakit.formats.safetensors_io import read_safetensors
 from lorakit.training.config import ConfigError
 from lorakit.training.data import LatentCache
+from lorakit.training.precision import return_freed_memory
 from lorakit.training.trainer import Trainer, TrainingInterrupted
 
 from conftest import train_config
@@ -109,6 +112,28 @@ def test_vae_and_text_encoders_are_released_after_caching(tiny_folder, images, t
     assert kept.vae is not None and kept.text_encoder is not None and len(result.samples) == 1
     assert "VAE kept: samples decode with it" in capsys.readouterr().err
     assert result.losses == pytest.approx(released.losses, rel=1e-6)
+
+
+def rss() -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
+                    reason="RSS from /proc and malloc_trim are Linux/glibc facts")
+def test_freed_models_leave_the_process_memory():
+    """Weights freed below glibc's (raised) mmap threshold stay in RSS until trimmed, as the released text
+    encoders and VAE did; return_freed_memory (called by the release) hands them back."""
+    big = torch.empty(16 << 20, dtype=torch.uint8)
+    del big  # freeing a 16 MiB mapping raises glibc's mmap threshold to 16 MiB, as loading a model does
+    blocks = [torch.ones(256, 1024) for _ in range(1200)]  # 1200 x 1 MiB from the heap
+    pin = torch.ones(256, 1024)  # a live block above them (the model that stays): no automatic trim at the top
+    before = rss()
+    del blocks
+    gc.collect()
+    kept = rss()
+    return_freed_memory()
+    assert kept - rss() > 0.5 * (1200 << 20) and before - kept < 0.5 * (1200 << 20)
+    del pin
 
 
 def test_text_encoders_stay_when_they_train(tiny_folder, images, tmp_path, capsys):

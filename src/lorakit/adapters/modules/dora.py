@@ -81,13 +81,12 @@ def bypass_forward(module, x: torch.Tensor) -> torch.Tensor:
     the output (output axis: W'x = r ⊙ (Wx + ΔWx)) or the input (input axis: W'x = (W + ΔW)(r ⊙ x)).
     The point is a base weight that gets no gradient (and, for LoRA, no ΔW built at all: see ratio()).
     Written as base + change so that step 0 (ratio exactly 1, ΔW = 0) is the layer's own output bit for bit:
-    output axis, with y = Wx + b + ΔWx: W'x + b = y + (r − 1)(y − b); input axis (W + ΔW)(r ⊙ x) + b."""
+    output axis, with y = Wx + b + ΔWx: W'x + b = r ⊙ y + (1 − r) ⊙ b; input axis (W + ΔW)(r ⊙ x) + b."""
     layer, spec = module.layer, module.spec
     scale = F_dora.channel_scale(ratio(module), spec.is_conv).to(x.dtype)
     if module.dora_axis == "output":
-        y = module.undecomposed_bypass(x)
         bias = None if layer.bias is None else (layer.bias.view(-1, 1, 1) if spec.is_conv else layer.bias)
-        y = torch.addcmul(y, scale - 1, y if bias is None else y - bias)
+        y = F_dora.scaled_output(module.undecomposed_bypass(x), scale, None if bias is None else bias.to(x.dtype))
     else:
         y = module.undecomposed_bypass(x * scale)
     if module.multiplier != 1.0:
