@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorakit.models import styles
-from lorakit.models.checkpoint import native_resolution, save_single_file
+from lorakit.models.checkpoint import load_base_model, native_resolution, save_single_file
 from lorakit.models.tiny import build_components
 from lorakit.training.config import build_config, coerce
 from lorakit.training.dataset import load_specs, scan
@@ -28,8 +28,9 @@ def make(data, out, **kw) -> Trainer:
     values = dict(train_data_dir=str(data), train_batch_size=4, max_train_epochs=2, network_dim=8,
                   network_alpha=8.0, learning_rate=3e-3, network_train_unet_only=True, seed=0,
                   output_dir=str(out), output_name="v", validation_split=0.25)
+    base = kw.pop("base", None)
     values.update(kw)
-    return Trainer(build_config({k: v for k, v in values.items() if v is not None}))
+    return Trainer(build_config({k: v for k, v in values.items() if v is not None}), base=base)
 
 
 def run(data, out, **kw):
@@ -147,3 +148,14 @@ def test_resolution_unset_is_the_models_native_size(tiny_folder, tmp_path):
     unet.register_to_config(sample_size=16)  # a model made for 128 px: read from the file, not assumed
     save_single_file(tmp_path / "m.safetensors", "sd1", unet, vae, [text_encoder])
     assert native_resolution(tmp_path / "m.safetensors") == 128
+
+
+def test_a_model_passed_to_the_trainer_gives_the_native_size(sepia, tmp_path):
+    """Trainer(config, base=...) (benchmarks, the Python API) takes the size from the model it was given, not
+    from the config's (unset: embedded 64 px) model path."""
+    base = load_base_model(None)
+    base.pipeline.unet.register_to_config(sample_size=16)  # made for 128 px
+    assert base.native_resolution == 128
+    trainer = make(sepia, tmp_path, base=base)
+    assert trainer.config.resolution == [128, 128]
+    assert "resolution unset: the base model's native size, 128x128" in trainer.report.notes

@@ -43,6 +43,11 @@ class BaseModel:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def native_resolution(self) -> int:
+        """The native image side of this model as built (see native_side)."""
+        return native_side(self.pipeline.unet.config, self.pipeline.vae.config)
+
+    @property
     def text_encoders(self) -> list:
         encoders = [self.pipeline.text_encoder]
         if getattr(self.pipeline, "text_encoder_2", None) is not None:
@@ -273,8 +278,7 @@ def save_single_file(path: str | os.PathLike, family: str, unet, vae, text_encod
 
 
 def native_resolution(name_or_path: str | os.PathLike | None = None) -> int:
-    """The base model's native image side in pixels: the U-Net's sample_size (its latent side) times the VAE's
-    scale factor (2 ** (levels - 1)). Read from configs or the file's header only, never the weights (a .ckpt
+    """The base model's native image side in pixels (native_side). Read from configs or the file's header only, never the weights (a .ckpt
     is read weights-only); 64 for the embedded tiny model, 512 for SD1.5, 1024 for SDXL."""
     import json
 
@@ -293,4 +297,10 @@ def native_resolution(name_or_path: str | os.PathLike | None = None) -> int:
             shapes, metadata = tensor_shapes(read_checkpoint(path)), {}
         inferred = infer_configs(shapes, detect_family(shapes), hints_from_metadata(metadata))
         unet, vae = inferred.unet, inferred.vae or {"block_out_channels": (0,) * 4}  # no VAE inside: SD's 8x
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return native_side(unet, vae)
+
+
+def native_side(unet_config, vae_config) -> int:
+    """Pixels per side the model was made for: the U-Net's sample_size (its latent side) times the VAE's scale
+    factor, 2 ** (levels - 1)."""
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)

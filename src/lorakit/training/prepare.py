@@ -14,14 +14,14 @@ from lorakit.training.precision import choose, precision_problems
 from lorakit.training.sampling import SamplePromptError, check_sampler, load_sample_prompts
 
 
-def with_native_resolution(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
-    """resolution unset = the base model's native size (read from its configs or header, not its weights);
-    a copy of the config with it set, and the note that says so. An unreadable model keeps it unset here:
-    preflight and the model load then name the real problem."""
+def with_native_resolution(config: TrainConfig, base=None) -> tuple[TrainConfig, list[str]]:
+    """resolution unset = the base model's native size (read from its configs or header, not its weights; from
+    `base` itself when the caller built the model); a copy of the config with it set, and the note that says
+    so. An unreadable model keeps it unset here: preflight and the model load then name the real problem."""
     if config.resolution is not None:
         return config, []
     try:
-        side = native_resolution(config.pretrained_model_name_or_path)
+        side = base.native_resolution if base is not None else native_resolution(config.pretrained_model_name_or_path)
     except (OSError, ValueError, KeyError, IndexError, CheckpointError):
         side = 512  # only until the model load reports why the file cannot be read
     resolved = copy(config)

@@ -121,7 +121,7 @@ def per_sample_loss(cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor, 
 class Trainer:
     def __init__(self, config: TrainConfig, device: str | torch.device | None = None, base: BaseModel | None = None):
         """`base`: a model built in-process (benchmarks, the Python API) instead of the config's file."""
-        config, resolution_note = with_native_resolution(config)  # unset: the base model's native size
+        config, resolution_note = with_native_resolution(config, base)  # unset: the base model's native size
         self.config = config
         self.specs, self.report, self.prompts = preflight(config)  # every cheap check, before any model loads
         self.report.notes[:0] = resolution_note
