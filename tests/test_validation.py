@@ -89,6 +89,14 @@ validation_split = 0.25
     # one value everywhere ([general] or the config alike): one draw over all images, as split_items
     same = scan(specs)
     assert split_datasets(same, specs, split=0.25, seed=7)[1].items == split_items(scan(specs), 0.25, 7)[1].items
+    # the dataset that asks for a split is too small to split: everything trains, and the caption-only check
+    # covers that dataset's images only
+    two = styles.write_style_dataset(tmp_path / "two", count=2, repeats=1, seed=1, style="sepia")
+    toml.write_text(toml.read_text().replace(str(sepia / "2_sepia"), str(two / "1_sepia"), 1))
+    specs, _ = load_specs(toml)
+    kept, held = split_datasets(scan(specs), specs, split=0.0, seed=0)
+    assert held.kind == "caption_only" and len(kept) == 10
+    assert {i.path.parent for i in held.items} == {two / "1_sepia"} and len(held.items) == 2
 
 
 def test_validation_loss_identical_for_identical_weights_and_lower_after_fitting(sepia, tmp_path, monkeypatch):

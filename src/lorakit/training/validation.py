@@ -69,20 +69,24 @@ def split_items(report: DatasetReport, split: float, seed: int) -> tuple[list[Im
     train = [n for n, item in enumerate(items) if not item.subset.is_reg]
     count = round(len(train) * split)
     if len(train) < MIN_SPLIT_IMAGES or count == 0 or count >= len(train):
-        chosen = [items[n] for n in train]
         report.notes.append(
             f"validation_split = {split:g}: {len(train)} training image(s) are too few to hold images out (a "
             f"split needs >= {MIN_SPLIT_IMAGES} images and at least one on each side); every image trains, and "
             "validation is a caption-only check instead: the loss on the training images with unrelated captions "
             "(drift in loss space, recorded as kind caption_only)")
-        captions = [UNRELATED_CAPTIONS[n % len(UNRELATED_CAPTIONS)] for n in range(len(chosen))]
-        return items, HeldOut(chosen, captions, "caption_only")
+        return items, caption_only([items[n] for n in train])
     held = set(random.Random(seed).sample(train, count))
     out = [items[n] for n in sorted(held)]
     report.notes.append(f"validation: {count} of {len(train)} training images held out (never trained on): "
                         + ", ".join(item.path.name for item in out[:8]) + (" ..." if count > 8 else ""))
     return [item for n, item in enumerate(items) if n not in held], HeldOut(out, [plain_caption(i) for i in out],
                                                                             "split")
+
+
+def caption_only(chosen: list[ImageItem]) -> HeldOut:
+    """The training images paired with unrelated captions (they train too: this measures drift, see above)."""
+    return HeldOut(chosen, [UNRELATED_CAPTIONS[n % len(UNRELATED_CAPTIONS)] for n in range(len(chosen))],
+                   "caption_only")
 
 
 def split_datasets(report: DatasetReport, specs: list[DatasetSpec], split: float, seed: int
@@ -98,7 +102,7 @@ def split_datasets(report: DatasetReport, specs: list[DatasetSpec], split: float
     plans = [own(spec) for spec in specs]
     if len(set(plans)) <= 1:
         return split_items(report, *(plans[0] if plans else (split, seed)))
-    trained, held = [], []
+    trained, held, small = [], [], []
     for number, (spec, (part_split, part_seed)) in enumerate(zip(specs, plans), 1):
         mine = {id(sub) for sub in spec.subsets}
         part = DatasetReport(items=[i for i in report.items if id(i.subset) in mine])
@@ -107,13 +111,18 @@ def split_datasets(report: DatasetReport, specs: list[DatasetSpec], split: float
             trained += kept
             held.append(out)
             report.notes += [f"[[datasets]] #{number}: {note}" for note in part.notes]
-        else:
-            trained += part.items
-            if part_split:
-                report.notes.append(f"[[datasets]] #{number}: validation_split = {part_split:g}: too few images "
-                                    f"to hold any out ({len(part.items)}); all of them train")
-    if not held:  # no dataset could hold images out: the run-level fallback (the caption-only check)
-        return split_items(report, max(p for p, _ in plans), seed)
+            continue
+        trained += part.items
+        if part_split:
+            small += [i for i in part.items if not i.subset.is_reg]
+            report.notes.append(f"[[datasets]] #{number}: validation_split = {part_split:g}: too few images "
+                                f"to hold any out ({len(part.items)}); all of them train")
+    if not held and not small:  # validation_split 0 everywhere (only the seeds differ): no validation
+        return trained, None
+    if not held:  # no dataset could split: the caption-only check on the images of those that asked
+        report.notes.append("validation is a caption-only check: the loss on those training images with "
+                            "unrelated captions (drift in loss space, recorded as kind caption_only)")
+        return trained, caption_only(small)
     return trained, HeldOut([i for h in held for i in h.items], [c for h in held for c in h.captions], "split")
 
 
