@@ -215,6 +215,26 @@ def test_an_exactly_zero_row_or_column_gives_finite_gradients(axis, mode):
     assert module.up.grad.abs().sum() > 0 and module.magnitude.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="this torch has no float8 dtype")
+@pytest.mark.parametrize("axis", F_dora.AXES)
+def test_dora_over_float8_weights_computes_in_float32(axis):
+    """fp8_base stores frozen weights in float8_e4m3fn: DoRA attaches, starts at the base output and equals the
+    closed form over the dequantized weight (float8 cannot be promoted: it computes in float32)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 6).requires_grad_(False)
+    layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
+    options = LoRAOptions(dora_wd=True, wd_on_output=axis == "output")
+    module = LoRAModule.create(LayerSpec.of(layer), 2, 1.0, options)
+    module.attach(layer)
+    x = torch.randn(4, 8)
+    w = layer.weight.float()
+    assert torch.allclose(module(x), F.linear(x, w, layer.bias), atol=1e-6)
+    perturb(module)
+    expected = F.linear(x.double(), closed_form_weight(w, module.delta_weight().detach(), module.magnitude, axis),
+                        layer.bias.double())
+    assert torch.allclose(module(x).double(), expected, atol=1e-5)
+
+
 def test_the_cached_weight_norm_follows_a_replaced_weight():
     """A new weight tensor (even at a reused address, version 0) is another object: the ‖W‖² cache is rebuilt."""
     module, layer, x = dora_module("lora", "linear", "output", mode="bypass")

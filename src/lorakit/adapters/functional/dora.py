@@ -42,10 +42,12 @@ def axis_of(magnitude_shape_: tuple[int, ...], weight_shape: tuple[int, ...]) ->
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """At least float32: a bf16 norm over thousands of elements loses the ratio's last digits."""
+    """At least float32: a bf16 norm over thousands of elements loses the ratio's last digits. float8 weights
+    (fp8_base) are storage only: they compute in float32 too (promote_types refuses float8)."""
     dtype = torch.float32
     for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
+        if t.dtype.itemsize > 1:
+            dtype = torch.promote_types(dtype, t.dtype)
     return dtype
 
 
