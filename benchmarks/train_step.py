@@ -10,8 +10,9 @@ caption caching, the release of the VAE and text encoders, autocast, the loss, A
 of the steps after the warm-up (micro-batch start to optimizer step end).
 
 Beside each run: the floor (the same frozen U-Net without adapters, forward + backward to its input, same
-dtype, autocast and checkpointing; timed after each training step, alternating with them), the adapters' FLOP share (torch.utils.flop_counter over forward +
-backward on a meta-device copy: adapted minus bare, over bare), step / (floor x (1 + share)), trainable
+dtype, autocast and checkpointing; timed after each training step, alternating with them), the
+adapters' FLOP share (torch.utils.flop_counter over forward + backward on a meta-device copy: adapted
+minus bare, over bare), step / (floor x (1 + share)), trainable
 versus total U-Net parameters, and a full fine-tune's memory: measured for SD1.5 256 px fp32 (AdamW over the
 whole U-Net, the trainer's loss) when the machine has the memory, else estimated as this run's peak plus
 (16 - w) bytes per U-Net parameter (fp32 weight, gradient and two AdamW moments against the w-byte frozen

@@ -178,8 +178,8 @@ def test_module_step_zero_closed_form_bypass_and_merge(algo, layer_name, axis):
 @pytest.mark.parametrize("layer_name", list(MODULE_LAYERS))
 @pytest.mark.parametrize("axis", F_dora.AXES)
 def test_lowrank_norm_over_a_frozen_layer_is_the_closed_form(layer_name, axis):
-    """A frozen layer's LoRA DoRA takes the norm from ‖W‖² + 2s⟨W, UD⟩ + s²‖UD‖² (no ΔW built): step 0 is the
-    base bit for bit, and value and every gradient match the float64 closed form."""
+    """A frozen layer's LoRA DoRA takes the norm from ‖W‖² + 2s⟨W, UD⟩ + s²‖UD‖² (no ΔW built):
+    step 0 is the base bit for bit, and value and every gradient match the float64 closed form."""
     module, layer, x = dora_module("lora", layer_name, axis, mode="bypass")
     layer.requires_grad_(False)
     w0 = layer.weight.detach().clone()
@@ -194,7 +194,8 @@ def test_lowrank_norm_over_a_frozen_layer_is_the_closed_form(layer_name, axis):
     got = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    layer_output(layer, x, closed_form_weight(w0, module.delta_weight(), module.magnitude, axis)).square().sum().backward()
+    exact = closed_form_weight(w0, module.delta_weight(), module.magnitude, axis)
+    layer_output(layer, x, exact).square().sum().backward()
     for name, g, p in zip(module.param_names, got, params):
         assert torch.allclose(g, p.grad, atol=1e-10), name
 

@@ -278,7 +278,8 @@ def test_fused_linear_lora_equals_the_unfused_layer(tokens):
     frozen Linear's output bit for bit."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, tokens, 12, dtype=torch.float64, generator=g, requires_grad=True)
-    weight, bias = torch.randn(10, 12, dtype=torch.float64, generator=g), torch.randn(10, dtype=torch.float64, generator=g)
+    weight = torch.randn(10, 12, dtype=torch.float64, generator=g)
+    bias = torch.randn(10, dtype=torch.float64, generator=g)
     down = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
     up = torch.zeros(10, 4, dtype=torch.float64, requires_grad=True)
     assert torch.equal(F_lora.fused_linear(x, weight, bias, down, up, 0.7), F.linear(x, weight, bias))

@@ -84,7 +84,8 @@ validation_split = 0.25
     kept, held = split_datasets(report, specs, split=0.0, seed=0)  # the config: no split of its own
     first = {id(sub) for sub in specs[0].subsets}
     assert held.kind == "split" and len(held.items) == 2 and all(id(i.subset) in first for i in held.items)
-    assert sorted(i.path.name for i in held.items) == sorted(f"{n:03d}.png" for n in random.Random(7).sample(range(8), 2))
+    drawn = sorted(f"{n:03d}.png" for n in random.Random(7).sample(range(8), 2))
+    assert sorted(i.path.name for i in held.items) == drawn
     assert len(kept) == 14 and any("[[datasets]] #1: validation: 2 of 8" in n for n in report.notes)
     # one value everywhere ([general] or the config alike): one draw over all images, as split_items
     same = scan(specs)

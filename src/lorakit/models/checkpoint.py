@@ -278,8 +278,9 @@ def save_single_file(path: str | os.PathLike, family: str, unet, vae, text_encod
 
 
 def native_resolution(name_or_path: str | os.PathLike | None = None) -> int:
-    """The base model's native image side in pixels (native_side). Read from configs or the file's header only, never the weights (a .ckpt
-    is read weights-only); 64 for the embedded tiny model, 512 for SD1.5, 1024 for SDXL."""
+    """The base model's native image side in pixels (native_side). Read from configs or the file's header
+    only, never the weights (a .ckpt is read weights-only); 64 for the embedded tiny model, 512 for SD1.5,
+    1024 for SDXL."""
     import json
 
     if name_or_path is None:

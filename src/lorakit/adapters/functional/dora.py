@@ -97,7 +97,8 @@ def lowrank_norm_sq(w_sq: torch.Tensor, weight: torch.Tensor, up: torch.Tensor, 
 
     W (out, in[, kh, kw]) with w_sq = weight_sq(W, axis); up U (out, r[, 1, 1]); down D (r, in[, kh, kw]).
     Output row o:  ⟨W_o, (UD)_o⟩ = U_o · (W D^T)_o   and ‖(UD)_o‖² = U_o (D D^T) U_o^T.
-    Input column i (over out, kh, kw): ⟨W_:i, (UD)_:i⟩ = Σ (U^T W)_:i ⊙ D_:i   and ‖(UD)_:i‖² = Σ (U^T U D)_:i ⊙ D_:i.
+    Input column i (over out, kh, kw): ⟨W_:i, (UD)_:i⟩ = Σ (U^T W)_:i ⊙ D_:i
+                                         and ‖(UD)_:i‖² = Σ (U^T U D)_:i ⊙ D_:i.
     One GEMM with W (out·in·k·r multiply-adds) and r-sized ones; no weight-sized temporaries, so DoRA's
     norm and its gradient cost about what the rank-r path itself costs. ΔW = 0 gives w_sq exactly.
     """
