@@ -89,7 +89,7 @@ def measure(family: str, res: int, row: Row, args, device: str) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        times, _ = timed_steps(trainer)
+        times, _, _ = timed_steps(trainer)
         trainer.run()
         out = dict(step=statistics.median(times[args.warmup:]), first=times[0],
                    vram=torch.cuda.max_memory_allocated() if device == "cuda" else None)

@@ -74,6 +74,15 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Set VmHWM back to the current RSS (Linux: /proc/self/clear_refs); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def mem_available() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -219,12 +228,14 @@ def median_time(step, warmup: int, steps: int) -> float:
     return statistics.median(samples)
 
 
-def timed_steps(trainer, floor_step=None) -> tuple[list[float], list[float]]:
+def timed_steps(trainer, floor_step=None) -> tuple[list[float], list[float], list[int]]:
     """Seconds of each optimizer step of trainer.run() (from its micro-batch's start to the optimizer step's
     end) and, with floor_step, the floor timed right after each step with the adapters detached: step and
     floor alternate in one process, so a shared machine's drift hits both alike (measured: a floor timed
-    only after training read 2.3-5.4 s beside 2.8 s before it, on the same quiet machine)."""
-    times, floors, started = [], [], []
+    only after training read 2.3-5.4 s beside 2.8 s before it, on the same quiet machine).
+    The third list: the peak RSS before each floor. Each floor's own peak is then reset (where Linux allows),
+    so the run's peak is the training's, not the instrument's (SDXL: the floor's allocations had set it)."""
+    times, floors, started, peaks = [], [], [], []
     micro_batch, optimizer_step = trainer.micro_batch, trainer._optimizer_step
 
     def timed_micro_batch(*args):
@@ -236,14 +247,17 @@ def timed_steps(trainer, floor_step=None) -> tuple[list[float], list[float]]:
         times.append(time.perf_counter() - started[0])
         started.clear()
         if floor_step is not None:
+            peaks.append(peak_rss())
             trainer.network.restore()
             t0 = time.perf_counter()
             floor_step()
             floors.append(time.perf_counter() - t0)
             trainer.network.apply_to()
+            if not reset_peak_rss():
+                peaks.append(peak_rss())  # cannot separate them: the floor's peak counts
 
     trainer.micro_batch, trainer._optimizer_step = timed_micro_batch, timed_optimizer_step
-    return times, floors
+    return times, floors, peaks
 
 
 def unet_params(unet) -> int:
@@ -257,10 +271,10 @@ def run_locon(run: Run, res: int, args, folder: Path) -> dict:
     cfg = bench_config(run, res, folder, args.warmup + args.steps)
     trainer = Trainer(cfg, "cpu", base=build_base(run.family, choose(cfg).load_dtypes(), args.tiny))
     inputs, dtype = unet_inputs(trainer.unet, res), choose(cfg).autocast
-    times, floors = timed_steps(trainer, lambda: fwd_bwd(trainer.unet, inputs, dtype))
+    times, floors, peaks = timed_steps(trainer, lambda: fwd_bwd(trainer.unet, inputs, dtype))
     log(f"{run.name}: built, {peak_rss() / GIB:.2f} GiB; training {cfg.max_train_steps} steps")
     result = trainer.run()
-    peak = peak_rss()  # the floors run inside the training: same activations, no new peak
+    peak = max([peak_rss(), *peaks])  # building, caching and training; not the floors run between steps
     log(f"{run.name}: steps {', '.join(f'{s:.2f}' for s in times)} s; floors "
         f"{', '.join(f'{s:.2f}' for s in floors)} s; losses {', '.join(f'{v:.4f}' for v in result.losses)}")
     trainer.network.restore()  # the same U-Net, mode and checkpointing, without adapters

@@ -10,6 +10,7 @@ save the state and the current LoRA, then stop.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import sys
@@ -26,6 +27,7 @@ from lorakit.formats.atomic import remove_stale_temp_files
 from lorakit.models import noise as nz
 from lorakit.models import objectives as obj
 from lorakit.models.checkpoint import BaseModel
+from lorakit.models.lean import make_lean, recompute_cheap_inputs
 from lorakit.surgery.network import LoraNetwork
 from lorakit.formats.start import start_network
 from lorakit.training.captions import CaptionClock, process_caption
@@ -37,7 +39,7 @@ from lorakit.training.optim import apply_max_norm, make_optimizer, make_schedule
 from lorakit.training.outputs import (StopRequest, TrainingInterrupted, TrainingStopped, epoch_file_stem, removed_epoch,
                                       removed_step, save_lora, step_file_stem)
 from lorakit.training.precision import (apply_release, cast_adapters, choose, cpu_half_note, deterministic_captions,
-                                       make_scaler, release_plan, to_fp8)
+                                        make_scaler, release_plan, return_freed_memory, to_fp8)
 from lorakit.training.prepare import prepare_base, preflight, with_native_resolution
 from lorakit.training.sampling import render_samples
 from lorakit.training.state import Progress, load_state, save_state
@@ -211,7 +213,11 @@ class Trainer:
         size = (latents.shape[-2] * 8, latents.shape[-1] * 8)  # pixels: the VAE downsamples 8x
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             context, extra = self.context(captions, size)
-            pred = self.step_unet(noisy, t, context, added_cond_kwargs=extra).sample
+            if dtype is not None:  # cast once, shared by every cross-attention k/v (and its adapter); autocast
+                context = context.to(dtype)  # would cast it per layer, and keep each copy for backward
+            lean = recompute_cheap_inputs() if self.step_unet is self.unet else contextlib.nullcontext()
+            with lean:  # not under torch.compile, which traces no saved-tensor hooks
+                pred = self.step_unet(noisy, t, context, added_cond_kwargs=extra).sample
         target = obj.target(latents, noise, schedule, t, v_pred)
         return per_sample_loss(cfg, pred, target, t, schedule, self.alphas_cumprod, v_pred, weights, masks).mean()
 
@@ -249,6 +255,8 @@ class Trainer:
         self.vae, self.text_encoder = pipe.vae, pipe.text_encoder
         self.text_encoders = [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
                               if te is not None]
+        if "delete" in (plan.vae, plan.text):
+            return_freed_memory()  # only now: until the lines above, this trainer still held them
         self.tell(list(plan.lines))
 
     @torch.no_grad()
@@ -289,6 +297,7 @@ class Trainer:
         progress = Progress()
         if cfg.resume:
             progress = load_state(cfg.resume, self.network, optimizer, scheduler, cfg.settings(), self.scaler)
+        make_lean(self.unet)  # the same gradients with fewer activations kept (see models/lean.py)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if cfg.torch_compile and cfg.dynamo_backend != "no":  # speed only: the same math, traced through the adapters' forwards

@@ -1,0 +1,119 @@
+"""Memory-lean training (models/lean.py): the same outputs and gradients as the plain U-Net, bit for bit, with
+fewer bytes kept for backward."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lorakit.models.lean as lean
+from lorakit.surgery.config import NetworkConfig
+from lorakit.surgery.network import create_network
+
+from conftest import randomize, unet_inputs
+
+
+@pytest.fixture
+def one_thread():
+    """CPU reductions split over threads may round differently from run to run; one thread makes the
+    plain run itself repeatable, so 'bit for bit' can be asserted."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_geglu_product_gives_the_plain_expressions_gradients(dtype):
+    proj = torch.randn(3, 5, 14, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 5, 7, dtype=dtype)
+    hidden, gate = proj.chunk(2, dim=-1)
+    plain = hidden * F.gelu(gate)
+    (expected,) = torch.autograd.grad(plain, proj, grad)
+    ours = lean.GEGLUProduct.apply(proj, "none")
+    (got,) = torch.autograd.grad(ours, proj, grad)
+    assert torch.equal(ours, plain) and torch.equal(got, expected)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda p: lean.GEGLUProduct.apply(p, "none"), (proj,))
+
+
+def saved_bytes(step, params: set) -> tuple[int, int]:
+    """(bytes of activations autograd keeps, recipes) during step(); lean's own hooks, when active, are the
+    innermost ones, so its _pack is counted through."""
+    seen, recipes = {}, [0]
+    real_pack = lean._pack
+
+    def counted(t):
+        packed = real_pack(t)
+        if isinstance(packed, lean._Recipe):
+            recipes[0] += 1
+        elif t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return packed
+
+    lean._pack = counted
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(counted, lambda t: t):
+            step()
+    finally:
+        lean._pack = real_pack
+    return sum(seen.values()), recipes[0]
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_recompute_gives_the_same_outputs_and_gradients_and_keeps_less(tiny_sd1, one_thread, amp):
+    """fp32 runs the fused Linear LoRA (which keeps a reshaped view of its input); bf16 autocast the plain
+    bypass: both keep a LayerNorm output or the GEGLU product for their adapters."""
+    unet, _ = tiny_sd1
+    net = create_network(unet, [], NetworkConfig(network_dim=4, conv_dim=4))
+    randomize(net, std=0.05)
+    unet.train()
+    x, t, ctx, _ = unet_inputs(unet)
+    params = {p.untyped_storage().data_ptr() for p in (*unet.parameters(), *net.parameters())}
+
+    def run(lean_ctx):
+        out = {}
+
+        def step():
+            with torch.autocast("cpu", dtype=amp, enabled=amp is not None), lean_ctx():
+                out["y"] = unet(x, t, ctx).sample
+            out["y"].float().square().mean().backward()
+
+        kept = saved_bytes(step, params)
+        grads = [p.grad.clone() for p in net.parameters()]
+        net.zero_grad(set_to_none=True)
+        return out["y"].detach(), grads, kept
+
+    plain_y, plain_grads, (plain_kept, _) = run(contextlib.nullcontext)
+    counts = lean.make_lean(unet)
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and counts == {"geglu": len(blocks), "layernorm": 3 * len(blocks)}
+    geglu_y, geglu_grads, (geglu_kept, _) = run(contextlib.nullcontext)
+    lean_y, lean_grads, (lean_kept, recipes) = run(lean.recompute_cheap_inputs)
+    assert torch.equal(plain_y, geglu_y) and torch.equal(plain_y, lean_y)
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, geglu_grads))
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, lean_grads))
+    assert recipes > 0 and lean_kept < geglu_kept < plain_kept
+    assert not lean._RECIPES  # nothing outlives the forward
+
+
+def test_an_input_changed_in_place_is_an_error_not_a_wrong_gradient():
+    norm = torch.nn.LayerNorm(6)
+    lean.make_lean(norm)
+    x = torch.randn(4, 6)
+    w = torch.randn(6, 3, requires_grad=True)
+    with lean.recompute_cheap_inputs():
+        y = norm(x)
+        loss = (y @ w).sum()  # the matmul keeps y for w's gradient: saved as a recipe
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+
+
+def test_outside_the_context_nothing_is_recorded():
+    norm = torch.nn.LayerNorm(6)
+    lean.make_lean(norm)
+    lean.make_lean(norm)  # idempotent: one hook
+    assert len(norm._forward_hooks) == 1
+    norm(torch.randn(2, 6))
+    assert not lean._RECIPES
