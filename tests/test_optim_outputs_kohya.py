@@ -413,3 +413,26 @@ def test_v2_is_checked_against_the_family_of_the_file(tiny_folder, tmp_path):
                       build_text_encoders("tiny-sd2")[0], dtype=torch.float32)
     base = prepare_base(build_config({"pretrained_model_name_or_path": str(sd2), "v2": True}))
     assert base.family == "sd2" and any("v2 = true agrees" in n for n in base.notes)
+
+
+def test_adam_on_the_cpu_runs_fused_with_the_same_update():
+    """Adam/AdamW on the CPU get torch's fused kernel unless optimizer_args pick an implementation; its steps
+    match the per-tensor loop's to rounding (float64 here). Other optimizers and CUDA keep torch's default."""
+    def trained(args):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float64)) for shape in
+                  ((8, 3), (5,), (2, 2, 3, 3))]
+        optimizer = make_optimizer("AdamW", [{"params": params, "lr": LR}], LR, CPU, args)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            optimizer.step()
+        return optimizer, params
+
+    fused, got = trained(None)
+    loop, expected = trained(["foreach=False"])
+    assert fused.defaults["fused"] is True and not loop.defaults.get("fused")
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-15) for a, b in zip(got, expected))
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert not make_optimizer("AdamW", [{"params": p}], LR, torch.device("cuda")).defaults.get("fused")
+    assert not make_optimizer("SGDNesterov", [{"params": p}], LR, CPU).defaults.get("fused")

@@ -164,10 +164,21 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, device: torch
     plan = plan_optimizer(name, args)
     if plan.relative_step:  # kohya: Adafactor sets its own step size; the group learning rates are dropped
         param_groups, lr = [{k: v for k, v in g.items() if k != "lr"} for g in param_groups], None
+    kwargs = {**plan.kwargs, **cpu_fused(plan, device)}
     try:
-        return plan.cls(param_groups, lr=lr, **plan.fixed, **plan.kwargs)
+        return plan.cls(param_groups, lr=lr, **plan.fixed, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"optimizer_type {name} with optimizer_args {plan.kwargs}: {e}") from None
+
+
+def cpu_fused(plan: OptimizerPlan, device: torch.device) -> dict:
+    """fused=True for torch's Adam/AdamW on the CPU unless optimizer_args choose an implementation: one kernel
+    over all tensors instead of a Python loop over ~560 of them (SD1.5 LoCon 8/8: 9.5 against 32 ms a step,
+    clipping included). The same update up to rounding; CUDA keeps torch's default (foreach), as kohya."""
+    chosen = {"fused", "foreach", "differentiable", "capturable"} & set(plan.kwargs)
+    if device.type != "cpu" or chosen or plan.cls not in (torch.optim.Adam, torch.optim.AdamW):
+        return {}
+    return {"fused": True}
 
 
 def uses_relative_step(optimizer: torch.optim.Optimizer) -> bool:

@@ -386,7 +386,8 @@ class Trainer:
         if self.scaler:  # fp16: true gradients before clipping; a step with inf/NaN gradients is skipped
             self.scaler.unscale_(run.optimizer)
         if cfg.max_grad_norm:  # kohya: 0 turns clipping off
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm,  # foreach: one pass, not one per tensor
+                                           foreach=True if self.device.type in ("cpu", "cuda") else None)
         if self.scaler:
             scale = self.scaler.get_scale()
             self.scaler.step(run.optimizer)
