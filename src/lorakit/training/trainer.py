@@ -213,8 +213,6 @@ class Trainer:
         size = (latents.shape[-2] * 8, latents.shape[-1] * 8)  # pixels: the VAE downsamples 8x
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             context, extra = self.context(captions, size)
-            if dtype is not None:  # cast once, shared by every cross-attention k/v (and its adapter); autocast
-                context = context.to(dtype)  # would cast it per layer, and keep each copy for backward
             lean = recompute_cheap_inputs() if self.step_unet is self.unet else contextlib.nullcontext()
             with lean:  # not under torch.compile, which traces no saved-tensor hooks
                 pred = self.step_unet(noisy, t, context, added_cond_kwargs=extra).sample
