@@ -117,3 +117,17 @@ def test_outside_the_context_nothing_is_recorded():
     assert len(norm._forward_hooks) == 1
     norm(torch.randn(2, 6))
     assert not lean._RECIPES
+
+
+def test_a_norm_with_a_replaced_forward_is_kept_as_it_is():
+    """A train_norm adapter replaces the LayerNorm's forward, and its module_dropout draws at random: such an
+    output could differ when rebuilt, so it is saved as usual."""
+    norm = torch.nn.LayerNorm(6)
+    lean.make_lean(norm)
+    norm.forward = lambda x: F.layer_norm(x, (6,), norm.weight, norm.bias) * 2
+    with lean.recompute_cheap_inputs():
+        norm(torch.randn(2, 6))
+        assert not lean._RECIPES
+        del norm.forward
+        norm(torch.randn(2, 6))
+        assert len(lean._RECIPES) == 1
