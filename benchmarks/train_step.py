@@ -191,13 +191,16 @@ def flop_share(unet, network, inputs) -> float:
     """The adapters' extra FLOPs over the bare U-Net's, both for forward + backward: the bare U-Net counted
     by torch.utils.flop_counter on one real step (adapters detached), each adapter by its own multiply-add
     model (AdapterModule.training_flops, on the input its layer saw in that step, in the path it picks),
-    less the 2F its frozen layer alone costs."""
+    less the 2F its frozen layer alone costs. A layer whose forward ran more than once in the step (gradient
+    checkpointing recomputes it; the counter counts the bare U-Net's recomputation too) adds the adapter's
+    forward again each time (AdapterModule.recompute_flops)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    seen = {}
+    seen, calls = {}, dict.fromkeys(network.adapters, 0)
 
     def record(name, _, args):  # returns None: the layer's input is left as it is
         seen.setdefault(name, torch.empty(args[0].shape, device="meta"))
+        calls[name] += 1
 
     hooks = [network.layer(name).register_forward_pre_hook(partial(record, name)) for name in network.adapters]
     x, t, ctx, extra = inputs  # in the weights' dtype, without autocast (which the counter trips): same FLOPs
@@ -213,7 +216,7 @@ def flop_share(unet, network, inputs) -> float:
         for name, adapter in network.adapters.items():
             x = seen[name]
             frozen = adapter._output_positions(x) * math.prod(adapter.spec.weight_shape)
-            extra += adapter.training_flops(x) - 2 * frozen
+            extra += adapter.training_flops(x) - 2 * frozen + (calls[name] - 1) * adapter.recompute_flops(x)
     return 2 * extra / counter.get_total_flops()  # multiply-adds are 2 FLOPs each
 
 

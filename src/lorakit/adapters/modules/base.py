@@ -147,6 +147,15 @@ class AdapterModule(nn.Module):
             return 2 * base + 3 * self.bypass_flops(positions) + norm
         return 3 * base + 3 * self.build_flops()
 
+    def recompute_flops(self, x: torch.Tensor, mode: str | None = None) -> int:
+        """Multiply-adds the adapter adds each time its layer's forward runs again (gradient checkpointing
+        recomputes it in backward): its own forward beyond the frozen layer's. bypass: A (and a DoRA norm,
+        about one ΔW-sized product); merged: building ΔW."""
+        mode = mode or self._choose_mode(x)
+        if mode == "bypass":
+            return self.bypass_flops(self._output_positions(x)) + (self.build_flops() if self.dora_axis else 0)
+        return self.build_flops()
+
     # the factor LyCORIS folds its use_scalar scalar into (lora_up, hada_w1_a, lokr_w1 / lokr_w1_a)
     scalar_targets: tuple[str, ...] = ()
 
