@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.adapters.functional import dora as F_dora
 from lorakit.adapters.functional import lokr as F_lokr
 from lorakit.adapters.functional import lora as F_lora
 from lorakit.adapters.functional.layer import LayerSpec
@@ -295,3 +296,36 @@ def test_fused_linear_lora_equals_the_unfused_layer(tokens):
     assert torch.allclose(got, plain, atol=1e-12)
     for a, b in zip(grads, expected):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("axis", ["output", "input"])
+def test_fused_linear_dora_equals_plain_autograd(axis, with_bias):
+    """The folded-ratio DoRA node: forward and the gradients of x, D, U and r equal plain autograd over
+    r ⊙ (Wx + sUDx) (output axis) or (W + sUD)(r ⊙ x) (input axis) in float64, including where r has an exact
+    zero (the unfused path); r = 1 with U = 0 gives the frozen Linear's output and input gradient bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 50, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(10, 12, dtype=torch.float64, generator=g)
+    bias = torch.randn(10, dtype=torch.float64, generator=g) if with_bias else None
+    down = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.zeros(10, 4, dtype=torch.float64, requires_grad=True)
+    n = 10 if axis == "output" else 12
+    ones = torch.ones(n, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 50, 10, dtype=torch.float64, generator=g)
+    at_zero, frozen = F_dora.fused_linear_dora(x, weight, bias, down, up, 0.7, ones, axis), F.linear(x, weight, bias)
+    assert torch.equal(at_zero, frozen)
+    assert torch.equal(torch.autograd.grad(at_zero, x, grad_out)[0], torch.autograd.grad(frozen, x, grad_out)[0])
+    with torch.no_grad():
+        up.normal_(generator=g)
+    for r in (torch.rand(n, dtype=torch.float64, generator=g) + 0.5, torch.arange(n, dtype=torch.float64) / n):
+        r.requires_grad_(True)  # the second r is exactly 0 at index 0
+        got = F_dora.fused_linear_dora(x, weight, bias, down, up, 0.7, r, axis)
+        grads = torch.autograd.grad(got, (x, down, up, r), grad_out)
+        xr = x * r if axis == "input" else x
+        plain = F.linear(xr, weight) + 0.7 * F.linear(F.linear(xr, down), up)
+        plain = (plain * r if axis == "output" else plain) + (0 if bias is None else bias)
+        expected = torch.autograd.grad(plain, (x, down, up, r), grad_out)
+        assert torch.allclose(got, plain, atol=1e-12)
+        for name, a, b in zip(("x", "down", "up", "r"), grads, expected):
+            assert torch.allclose(a, b, atol=1e-10), name

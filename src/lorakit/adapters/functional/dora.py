@@ -196,3 +196,76 @@ def internal_to_peft(magnitude: torch.Tensor) -> torch.Tensor:
     if magnitude.dim() == 2:
         return magnitude.reshape(-1)
     return magnitude.reshape(1, -1, *([1] * (magnitude.dim() - 2)))
+
+
+class FusedLinearDoRA(torch.autograd.Function):
+    """DoRA over a frozen Linear with a LoRA ΔW = s·U D, in one node and without activation-sized DoRA passes.
+
+    The ratio r (a vector: out for the output axis, in for the input axis) is folded into the weights, which
+    are far smaller than the activations (320x320 against 4096x320 tokens in SD1.5):
+        output axis  W'x + b = (r ⊙ W) x + b + s (r ⊙ U)(D x)          rows of W and U scaled
+        input axis   W'x + b = (W ⊙ r) x + b + s U ((D ⊙ r) x)         columns of W and D scaled
+    so the forward is FusedLinearLoRA's two GEMMs. r's gradient then needs one reduction, not W's gradient:
+        output axis  ∂r = Σ_t g ⊙ (y − b) / r     (y − b = r ⊙ (W + sUD)x)
+        input axis   ∂r = Σ_t x ⊙ ∂x / r          (∂x = r ⊙ (W + sUD)^T g)
+    It needs r ≠ 0 everywhere; fused_linear_dora takes the unfused path otherwise.
+    x [T, in], W [out, in] (frozen), b [out] | None (frozen), D [r, in], U [out, r], r [out] or [in].
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, scale: float, r, axis: str):
+        if axis == "output":
+            weight, up = weight * r[:, None], up * r[:, None]
+        else:
+            weight, down = weight * r, down * r
+        h = x @ down.T  # (T, rank)
+        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+        y.addmm_(h, up.T, alpha=scale)
+        ctx.save_for_backward(x, weight, bias, down, up, h, r, y if axis == "output" else None)
+        ctx.scale, ctx.axis = scale, axis
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, down, up, h, r, y = ctx.saved_tensors  # weight, down, up with r folded in
+        scale, output_axis, needs = ctx.scale, ctx.axis == "output", ctx.needs_input_grad
+        grad_x = grad_down = grad_up = grad_r = None
+        need_grad_x = needs[0] or (needs[6] and not output_axis)
+        grad_h = grad @ (up * scale) if need_grad_x or needs[3] else None  # (T, rank)
+        if need_grad_x:
+            grad_x = (grad @ weight).addmm_(grad_h, down)
+        if needs[3]:
+            grad_down = grad_h.T @ x
+            if not output_axis:
+                grad_down = grad_down * r
+        if needs[4]:
+            grad_up = (h.T @ grad).T * scale
+            if output_axis:
+                grad_up = grad_up * r[:, None]
+        if needs[6]:
+            if output_axis:
+                grad_r = (grad * y).sum(0)
+                if bias is not None:
+                    grad_r = grad_r - bias * grad.sum(0)
+            else:
+                grad_r = (x * grad_x).sum(0)
+            grad_r = grad_r / r
+        return (grad_x if needs[0] else None), None, None, grad_down, grad_up, None, grad_r, None
+
+
+def fused_linear_dora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+                      up: torch.Tensor, scale: float, r: torch.Tensor, axis: str) -> torch.Tensor:
+    """DoRA W'x + b for a frozen Linear and ΔW = s·U D, any leading dims; r = m / ‖W + ΔW‖ as a vector."""
+    _check_axis(axis)
+    if bool((r == 0).any()):  # a zero magnitude: the folded form cannot give r's gradient there
+        return _unfused_linear_dora(x, weight, bias, down, up, scale, r, axis)
+    lead = x.shape[:-1]
+    y = FusedLinearDoRA.apply(x.reshape(-1, x.shape[-1]), weight, bias, down, up, scale, r, axis)
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _unfused_linear_dora(x, weight, bias, down, up, scale, r, axis):
+    if axis == "input":
+        x = x * r
+    y = torch.nn.functional.linear(x, weight, bias) + scale * torch.nn.functional.linear(x @ down.T, up)
+    return y if axis == "input" else scaled_output(y, r, bias)

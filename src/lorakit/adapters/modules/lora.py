@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.adapters.functional import dora as F_dora
 from lorakit.adapters.functional import lora as F_lora
 from lorakit.adapters.functional.layer import LayerSpec
 from lorakit.adapters.modules import dora
@@ -77,9 +78,13 @@ class LoRAModule(AdapterModule):
                                    self.scale)
 
     def bypass_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dora_axis is not None or not self._fusable(x):
+        if not self._fusable(x) or (self.dora_axis is not None and self.multiplier != 1.0):
             return super().bypass_forward(x)
         layer, dt = self.layer, x.dtype
+        if self.dora_axis is not None:
+            r = dora.ratio(self).reshape(-1).to(dt)
+            return F_dora.fused_linear_dora(x, layer.weight, layer.bias, self.down.to(dt),
+                                            self.weights()["up"].to(dt), self.scale, r, self.dora_axis)
         return F_lora.fused_linear(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt),
                                    self.scale * self.multiplier)
 
