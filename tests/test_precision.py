@@ -146,6 +146,40 @@ def test_freed_models_leave_the_process_memory():
     del pin
 
 
+_CONV_BACKWARD_FAULTS = """
+import resource, sys, torch
+from lorakit.training.precision import keep_large_buffers
+torch.set_num_threads(1)
+if sys.argv[1] == "on":
+    assert keep_large_buffers(torch.device("cpu"))
+conv = torch.nn.Conv2d(1280, 1280, 3, padding=1).requires_grad_(False)  # SD1.5's 8x8 level: a 56 MiB weight
+x = torch.randn(1, 1280, 8, 8, requires_grad=True)
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    conv(x).sum().backward()  # oneDNN reorders the weight into a fresh buffer in backward
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[3:]))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="page faults from getrusage and mallopt are Linux/glibc facts")
+def test_cpu_training_keeps_large_buffers_instead_of_faulting_them_in_each_step():
+    """keep_large_buffers (the trainer calls it on CPU): a frozen conv's backward at SD1.5's 1280-channel
+    shape reuses its weight-sized oneDNN buffer instead of mapping it afresh (14,000+ page faults a call).
+    Run in fresh interpreters: the setting is process-wide."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_",
+                                                             "MALLOC_TRIM_THRESHOLD_")}
+    faults = {mode: int(subprocess.run([sys.executable, "-c", _CONV_BACKWARD_FAULTS, mode], env=env, check=True,
+                                       capture_output=True, text=True).stdout) for mode in ("off", "on")}
+    assert faults["off"] > 3 * 10_000 and faults["on"] < 1_000, faults
+
+
 def test_text_encoders_stay_when_they_train(tiny_folder, images, tmp_path, capsys):
     trainer = Trainer(train_config(tiny_folder, images, tmp_path, max_train_steps=1))
     assert trainer.train_text

@@ -39,7 +39,7 @@ from lorakit.training.optim import apply_max_norm, make_optimizer, make_schedule
 from lorakit.training.outputs import (StopRequest, TrainingInterrupted, TrainingStopped, epoch_file_stem, removed_epoch,
                                       removed_step, save_lora, step_file_stem)
 from lorakit.training.precision import (apply_release, cast_adapters, choose, cpu_half_note, deterministic_captions,
-                                        make_scaler, release_plan, return_freed_memory, to_fp8)
+                                        keep_large_buffers, make_scaler, release_plan, return_freed_memory, to_fp8)
 from lorakit.training.prepare import prepare_base, preflight, with_native_resolution
 from lorakit.training.sampling import render_samples
 from lorakit.training.state import Progress, load_state, save_state
@@ -287,6 +287,7 @@ class Trainer:
             cache = LatentCache.build(self.report.items, self.vae, progress=bar.update, disk=disk)
         self.validation = Validation.prepare(self, self.held_out)  # encoded while the VAE is loaded
         self.release_frozen(cache)
+        keep_large_buffers(self.device)  # no page faults for oneDNN's per-call weight buffers
         total = self.total_steps()
         optimizer = make_optimizer(cfg.optimizer_type, self.network.param_groups(
             cfg.unet_lr, cfg.text_encoder_lr, cfg.learning_rate), cfg.learning_rate, self.device, cfg.optimizer_args)
