@@ -216,11 +216,11 @@ def keep_large_buffers(device: torch.device) -> bool:
 
     Blocks above glibc's mmap threshold (at most 32 MiB) are mapped on allocation and unmapped on free, so
     each one costs a page fault per 4 KiB every time. oneDNN's conv backward reorders the weight into a new
-    buffer on every call, 56-113 MiB for SD1.5's 1280-channel convs: where the heap has no free block that
-    large (an adapted U-Net keeps more activations than the bare one), that was 306,000 page faults per
-    forward + backward at 256 px fp32, and the adapted U-Net took 1.23x the bare one's time instead of 1.10x.
-    Without the trim threshold, a block freed at the heap's top would go back and fault in again the same
-    way. This raises no peak: what is kept was in use a moment before, and the next step uses it again.
+    buffer on every call, 56-113 MiB for SD1.5's 1280-channel convs. Where the heap had no free block that
+    large, that was 306,000 page faults per forward + backward at 256 px fp32 (22 maps, 1.8 GiB). Without
+    the trim threshold, a block freed at the heap's top would go back and fault in again the same way. What is
+    kept was in use a moment before and the next step uses it again: peak RSS in benchmarks/train_step.py
+    moved by 0.0-0.2 GiB (fragmentation), RSS stays flat over 25 steps (docs/benchmarks.md).
     Called after the VAE and text encoders are released, so their memory has been handed back first."""
     import os
 
