@@ -167,7 +167,7 @@ print(sum(faults[3:]))
                     reason="page faults from getrusage and mallopt are Linux/glibc facts")
 def test_cpu_training_keeps_large_buffers_instead_of_faulting_them_in_each_step():
     """keep_large_buffers (the trainer calls it on CPU): a frozen conv's backward at SD1.5's 1280-channel
-    shape reuses its weight-sized oneDNN buffer instead of mapping it afresh (14,000+ page faults a call).
+    shape reuses its weight-sized oneDNN buffers instead of mapping them afresh (about 28,800 page faults a call).
     Run in fresh interpreters: the setting is process-wide."""
     import os
     import subprocess

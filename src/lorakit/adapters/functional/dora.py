@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.adapters.functional import lora as F_lora
+
 AXES = ("output", "input")
 
 
@@ -265,7 +267,7 @@ def fused_linear_dora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def _unfused_linear_dora(x, weight, bias, down, up, scale, r, axis):
+    """The same DoRA with r applied to the activations: (W + ΔW)(r ⊙ x) + b, or r ⊙ (Wx + ΔWx) + (1 − r) ⊙ b."""
     if axis == "input":
-        x = x * r
-    y = torch.nn.functional.linear(x, weight, bias) + scale * torch.nn.functional.linear(x @ down.T, up)
-    return y if axis == "input" else scaled_output(y, r, bias)
+        return F_lora.fused_linear(x * r, weight, bias, down, up, scale)
+    return scaled_output(F_lora.fused_linear(x, weight, bias, down, up, scale), r, bias)
