@@ -131,3 +131,31 @@ def test_a_norm_with_a_replaced_forward_is_kept_as_it_is():
         del norm.forward
         norm(torch.randn(2, 6))
         assert len(lean._RECIPES) == 1
+
+
+def test_a_norm_output_saved_for_several_adapters_is_rebuilt_once_and_gelu_once(tiny_sd1, monkeypatch):
+    """norm1's output feeds to_q, to_k and to_v, each adapter saving it: one rebuild serves all three. The
+    GEGLU product's rebuild (for ff.net.2's adapter) hands its gelu(g) to GEGLUProduct's backward."""
+    unet, _ = tiny_sd1
+    net = create_network(unet, [], NetworkConfig(network_dim=4, conv_dim=4))
+    randomize(net, std=0.05)
+    unet.train()
+    lean.make_lean(unet)
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    x, t, ctx, _ = unet_inputs(unet)
+    with lean.recompute_cheap_inputs():
+        loss = unet(x, t, ctx).sample.square().mean()
+    norm_calls, gelu_calls = [0], [0]
+    for block in blocks:
+        for norm in (block.norm1, block.norm2, block.norm3):
+            norm.register_forward_hook(lambda *_: norm_calls.__setitem__(0, norm_calls[0] + 1))
+    real_gelu = F.gelu
+
+    def counted_gelu(*args, **kwargs):
+        gelu_calls[0] += 1
+        return real_gelu(*args, **kwargs)
+
+    monkeypatch.setattr(F, "gelu", counted_gelu)
+    loss.backward()
+    assert norm_calls[0] == 3 * len(blocks)  # not 5: to_q, to_k, to_v share norm1's
+    assert gelu_calls[0] == len(blocks)  # not 2 a block

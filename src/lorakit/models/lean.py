@@ -16,49 +16,70 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-# storage address -> (weak ref to the tensor, its version, rebuild(), rebuild's inputs and their versions,
-# autocast state at creation)
-_RECIPES: dict[int, tuple] = {}
-_ACTIVE = [False]
-
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class _Entry:
+    """One rebuildable tensor: a weak ref to it and its version, rebuild() and its inputs with their versions,
+    the autocast state at creation. `pending` counts the saved copies not yet unpacked: a LayerNorm's output
+    feeding to_q, to_k and to_v is saved three times and rebuilt once, kept from the first unpack to the last."""
+
+    __slots__ = ("ref", "version", "rebuild", "inputs", "versions", "autocast", "pending", "rebuilt")
+
+    def __init__(self, out: torch.Tensor, rebuild, inputs: tuple):
+        self.ref, self.version, self.rebuild, self.inputs = weakref.ref(out), out._version, rebuild, inputs
+        self.versions = tuple(t._version for t in inputs)
+        self.autocast = _autocast_state(out.device.type)
+        self.pending, self.rebuilt = 0, None
+
+    def base(self, device_type: str) -> torch.Tensor:
+        if tuple(t._version for t in self.inputs) != self.versions:
+            raise RuntimeError("lorakit: an input of a recomputed activation was modified in place; "
+                               "train without recompute_cheap_inputs (a lorakit bug: please report it)")
+        base = self.rebuilt
+        if base is None:
+            enabled, dtype = self.autocast
+            with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                base = self.rebuild()
+        self.pending -= 1  # below zero only when a retained graph is run again: then rebuilt every time
+        self.rebuilt = base if self.pending > 0 else None
+        return base
+
+
+# storage address -> _Entry, while recompute_cheap_inputs() is active
+_RECIPES: dict[int, _Entry] = {}
+_ACTIVE = [False]
 
 
 def _register(out: torch.Tensor, rebuild, inputs: tuple) -> None:
     """Record that `out` can be rebuilt by rebuild() from `inputs` (kept alive by their own users)."""
     if not _ACTIVE[0] or not isinstance(out, torch.Tensor) or out.device.type == "meta":
         return
-    versions = tuple(t._version for t in inputs)
-    _RECIPES[out.untyped_storage().data_ptr()] = (weakref.ref(out), out._version, rebuild, inputs, versions,
-                                                  _autocast_state(out.device.type))
+    _RECIPES[out.untyped_storage().data_ptr()] = _Entry(out, rebuild, inputs)
 
 
 class _Recipe:
     """A saved tensor kept as how to rebuild it: the rebuilt base, then the same view of it."""
 
-    def __init__(self, entry: tuple, saved: torch.Tensor):
-        _, _, self.rebuild, self.inputs, self.versions, self.autocast = entry
-        self.device_type = saved.device.type
+    __slots__ = ("entry", "device_type", "view")
+
+    def __init__(self, entry: _Entry, saved: torch.Tensor):
+        entry.pending += 1
+        self.entry, self.device_type = entry, saved.device.type
         self.view = (saved.size(), saved.stride(), saved.storage_offset())
 
     def unpack(self) -> torch.Tensor:
-        if tuple(t._version for t in self.inputs) != self.versions:
-            raise RuntimeError("lorakit: an input of a recomputed activation was modified in place; "
-                               "train without recompute_cheap_inputs (a lorakit bug: please report it)")
-        enabled, dtype = self.autocast
-        with torch.no_grad(), torch.autocast(self.device_type, dtype=dtype, enabled=enabled):
-            base = self.rebuild()
-        return base.as_strided(*self.view)
+        return self.entry.base(self.device_type).as_strided(*self.view)
 
 
 def _pack(saved: torch.Tensor):
     entry = _RECIPES.get(saved.untyped_storage().data_ptr()) if saved.device.type != "meta" else None
     if entry is not None:
-        base = entry[0]()
+        base = entry.ref()
         same_storage = base is not None and base.untyped_storage().data_ptr() == saved.untyped_storage().data_ptr()
-        if same_storage and base._version == entry[1] == saved._version and base.dtype == saved.dtype:
+        if same_storage and base._version == entry.version == saved._version and base.dtype == saved.dtype:
             return _Recipe(entry, saved)
     return saved
 
@@ -93,33 +114,45 @@ class GEGLUProduct(torch.autograd.Function):
     Autograd over the plain expression also keeps gelu(g) (..., d): as large as the output, in every
     transformer block (SDXL at 512 px: ~225 MiB in bf16). Backward recomputes it, one elementwise pass, with
     the kernels autograd would use (grad ⊙ gelu(g); gelu_backward(grad ⊙ h, g)): the same gradients, bit for bit.
+    `slot`, a list, may hand backward a gelu(g) already rebuilt: the product's recipe (below) computes it just
+    before, when the next Linear's adapter needs the product.
     """
 
     @staticmethod
-    def forward(ctx, proj: torch.Tensor, approximate: str):
+    def forward(ctx, proj: torch.Tensor, approximate: str, slot: list | None = None):
         ctx.save_for_backward(proj)
-        ctx.approximate = approximate
+        ctx.approximate, ctx.slot = approximate, slot
         return _geglu(proj, approximate)
 
     @staticmethod
     def backward(ctx, grad):
         (proj,) = ctx.saved_tensors
         hidden, gate = proj.chunk(2, dim=-1)
-        grad_hidden = grad * F.gelu(gate, approximate=ctx.approximate)
-        grad_gate = torch.ops.aten.gelu_backward(grad * hidden, gate, approximate=ctx.approximate)
-        return torch.cat([grad_hidden, grad_gate], dim=-1), None
+        activation = ctx.slot.pop() if ctx.slot else None
+        if activation is None or activation.dtype != gate.dtype:
+            activation = F.gelu(gate, approximate=ctx.approximate)
+        grad_proj = torch.empty(proj.shape, dtype=grad.dtype, device=grad.device)
+        grad_hidden, grad_gate = grad_proj.chunk(2, dim=-1)  # written in place: no cat of the halves
+        torch.mul(grad, activation, out=grad_hidden)
+        torch.ops.aten.gelu_backward.grad_input(grad * hidden, gate, approximate=ctx.approximate,
+                                                grad_input=grad_gate)
+        return grad_proj, None, None
 
 
-def _geglu(proj: torch.Tensor, approximate: str) -> torch.Tensor:
+def _geglu(proj: torch.Tensor, approximate: str, slot: list | None = None) -> torch.Tensor:
     hidden, gate = proj.chunk(2, dim=-1)
-    return hidden * F.gelu(gate, approximate=approximate)
+    activation = F.gelu(gate, approximate=approximate)
+    if slot is not None:
+        slot[:] = [activation]
+    return hidden * activation
 
 
 def _lean_geglu_forward(module: torch.nn.Module):
     def forward(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         proj = module.proj(hidden_states)  # through an adapter on `proj`, if one is attached
-        out = GEGLUProduct.apply(proj, "none")  # diffusers' GEGLU: exact gelu
-        _register(out, lambda: _geglu(proj, "none"), (proj,))  # the next Linear's adapter keeps `out`
+        slot = []
+        out = GEGLUProduct.apply(proj, "none", slot)  # diffusers' GEGLU: exact gelu
+        _register(out, lambda: _geglu(proj, "none", slot), (proj,))  # the next Linear's adapter keeps `out`
         return out
     forward.lorakit_lean = True
     return forward

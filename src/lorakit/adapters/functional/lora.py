@@ -141,3 +141,52 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     lead = x.shape[:-1]
     y = FusedLinearLoRA.apply(x.reshape(-1, x.shape[-1]), weight, bias, down, up, scale)
     return y.reshape(*lead, y.shape[-1])
+
+
+class FusedConv1x1LoRA(torch.autograd.Function):
+    """y = conv1x1(x, W, b) + scale · U (D x) at every pixel, for a frozen 1x1 conv over NCHW, in one node.
+
+    oneDNN runs the rank-r 1x1 convs (C -> r -> out) far below its GEMM speed: in the SD1.5 U-Net at 256 px
+    (2-core Xeon, forward + backward of one layer) the adapter added 5.4 ms to a 960 -> 320 conv at 32x32 as
+    two convs and an add, 1.0 ms as GEMMs. So the adapter runs as batched GEMMs over the (N, C, H·W) view,
+    accumulated in place into the frozen conv's output and into its input gradient. The frozen part is the
+    layer's own conv and convolution_backward, so a zero adapter gives bit-identical outputs and input grads.
+    x [N, C, H, W] contiguous, W [out, C, 1, 1] (frozen), b [out] | None (frozen), D [r, C], U [out, r].
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, scale: float):
+        n, c, height, width = x.shape
+        h = torch.matmul(down, x.view(n, c, height * width))  # (N, r, HW)
+        y = F.conv2d(x, weight, bias).contiguous()
+        y.view(n, -1, height * width).baddbmm_(up.expand(n, -1, -1), h, alpha=scale)
+        ctx.save_for_backward(x, weight, down, up, h)
+        ctx.scale, ctx.has_bias = scale, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, down, up, h = ctx.saved_tensors
+        n, c, height, width = x.shape
+        grad = grad.contiguous()
+        grad3 = grad.view(n, -1, height * width)  # (N, out, HW)
+        grad_x = grad_down = grad_up = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+            grad_h = torch.matmul((up * ctx.scale).T, grad3)  # (N, r, HW)
+            if ctx.needs_input_grad[0]:  # the call autograd makes for the frozen conv alone
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [0, 0], [1, 1],
+                    False, [0, 0], 1, [True, False, False])[0].contiguous()
+                grad_x.view(n, c, -1).baddbmm_(down.T.expand(n, -1, -1), grad_h)
+            if ctx.needs_input_grad[3]:
+                grad_down = torch.matmul(grad_h, x.view(n, c, -1).transpose(1, 2)).sum(0)  # (r, C)
+        if ctx.needs_input_grad[4]:
+            grad_up = torch.matmul(h, grad3.transpose(1, 2)).sum(0).T * ctx.scale  # (out, r), skinny side first
+        return grad_x, None, None, grad_down, grad_up, None
+
+
+def fused_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+                  up: torch.Tensor, scale: float) -> torch.Tensor:
+    """Frozen 1x1 conv (stride 1, no padding) + LoRA bypass in one autograd node; x NCHW contiguous."""
+    return FusedConv1x1LoRA.apply(x, weight, bias, down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1),
+                                  scale)

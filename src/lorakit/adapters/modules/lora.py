@@ -61,32 +61,39 @@ class LoRAModule(AdapterModule):
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         return None if "mid" in self.param_names else (self.weights()["up"], self.down, self.scale)
 
-    def _fusable(self, x: torch.Tensor) -> bool:
-        """The fused Linear node applies: it gives no gradient to the layer's own weight/bias, does not
-        autocast and has no dropouts."""
-        layer = self.layer
+    def _fused_node(self, x: torch.Tensor):
+        """F_lora.fused_linear or fused_conv1x1 where one applies, else None. They give no gradient to the
+        layer's own weight/bias, do not autocast, have no dropouts; the conv node takes a plain 1x1 conv
+        (stride 1, no padding, no Tucker mid) over a contiguous NCHW input."""
+        layer, spec = self.layer, self.spec
         dropping = self.training and (self.dropouts.dropout > 0.0 or self.dropouts.rank_dropout > 0.0)
-        return (not self.spec.is_conv and not dropping and not layer.weight.requires_grad
-                and (layer.bias is None or not layer.bias.requires_grad) and layer.weight.dtype == x.dtype
-                and not torch.is_autocast_enabled(x.device.type))
+        if (dropping or layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad)
+                or layer.weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type)):
+            return None
+        if not spec.is_conv:
+            return F_lora.fused_linear
+        plain_1x1 = (spec.kernel == (1, 1) and spec.stride == (1, 1) and spec.padding in ((0, 0), "valid", "same")
+                     and "mid" not in self.param_names)
+        return F_lora.fused_conv1x1 if plain_1x1 and x.dim() == 4 and x.is_contiguous() else None
 
     def undecomposed_bypass(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fusable(x):
+        node = self._fused_node(x)
+        if node is None:
             return super().undecomposed_bypass(x)
         layer, dt = self.layer, x.dtype
-        return F_lora.fused_linear(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt),
-                                   self.scale)
+        return node(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt), self.scale)
 
     def bypass_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fusable(x) or (self.dora_axis is not None and self.multiplier != 1.0):
+        node = self._fused_node(x)
+        if node is None or (self.dora_axis is not None and (self.multiplier != 1.0 or self.spec.is_conv)):
             return super().bypass_forward(x)
         layer, dt = self.layer, x.dtype
         if self.dora_axis is not None:
             r = dora.ratio(self).reshape(-1).to(dt)
             return F_dora.fused_linear_dora(x, layer.weight, layer.bias, self.down.to(dt),
                                             self.weights()["up"].to(dt), self.scale, r, self.dora_axis)
-        return F_lora.fused_linear(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt),
-                                   self.scale * self.multiplier)
+        return node(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt),
+                    self.scale * self.multiplier)
 
     def bypass_flops(self, positions: int) -> int:
         return F_lora.flops(self.spec, self.rank, positions, tucker="mid" in self.param_names)
