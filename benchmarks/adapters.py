@@ -1,6 +1,7 @@
 """Forward+backward time of one adapted layer: lorakit vs lycoris-lora and peft, on SD1.5 layer shapes.
 
     .venv/bin/python benchmarks/adapters.py [--reps 7] [--quick] [--threads 2] [--device cpu|cuda] [--algos dora]
+        [--shapes conv1x1]
 
 For every (layer shape, batch) it times the frozen layer alone (forward + grad of the input: the cost a
 frozen U-Net layer has in LoRA training) and, per algorithm, each implementation's adapted layer. All
@@ -35,6 +36,7 @@ RANK, ALPHA = 8, 4.0
 SHAPES = [  # label, layer factory, input shape without batch
     ("conv3x3 320->320 @64x64", lambda: nn.Conv2d(320, 320, 3, padding=1), (320, 64, 64)),
     ("conv3x3 1280->1280 @8x8", lambda: nn.Conv2d(1280, 1280, 3, padding=1), (1280, 8, 8)),
+    ("conv1x1 640->320 @64x64", lambda: nn.Conv2d(640, 320, 1), (640, 64, 64)),  # a 512 px up-block shortcut
     ("linear 320->320 x4096 tok", lambda: nn.Linear(320, 320), (4096, 320)),
 ]
 ALGOS = ["lora", "loha", "lokr", "dora"]
@@ -166,6 +168,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 3 reps")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--algos", default=",".join(ALGOS), help="comma-separated subset, e.g. dora")
+    parser.add_argument("--shapes", default="", help="only the layers whose label contains this, e.g. conv1x1")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
@@ -179,7 +182,7 @@ def main():
     print("| layer | batch | algo | frozen ms | lorakit ms (path) | lycoris bypass ms | lycoris rebuild ms | "
           "peft ms | ours/best | overhead | FLOP ratio | overhead/FLOPs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, factory, shape in SHAPES:
+    for label, factory, shape in [s for s in SHAPES if args.shapes in s[0]]:
         for batch in batches:
             for row in bench_row(label, factory, shape, batch, reps, device, sync, args.algos.split(",")):
                 label_, b, algo, base_ms, t, best, flop_ratio, mode, not_dora = row
