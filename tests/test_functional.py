@@ -273,56 +273,47 @@ def test_svd_of_product_equals_the_dense_svd_in_float64():
     torch.testing.assert_close(u @ torch.diag(s) @ vh, up @ down)
 
 
-@pytest.mark.parametrize("tokens", [3, 100])
-def test_fused_linear_lora_equals_the_unfused_layer(tokens):
-    """Forward and every gradient of the fused node equal plain autograd in float64; a zero `up` gives the
-    frozen Linear's output and input gradient bit for bit."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, tokens, 12, dtype=torch.float64, generator=g, requires_grad=True)
-    weight = torch.randn(10, 12, dtype=torch.float64, generator=g)
-    bias = torch.randn(10, dtype=torch.float64, generator=g)
-    down = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
-    up = torch.zeros(10, 4, dtype=torch.float64, requires_grad=True)
-    grad_out = torch.randn(2, tokens, 10, dtype=torch.float64, generator=g)
-    at_zero, frozen = F_lora.fused_linear(x, weight, bias, down, up, 0.7), F.linear(x, weight, bias)
-    assert torch.equal(at_zero, frozen)
-    assert torch.equal(torch.autograd.grad(at_zero, x, grad_out)[0], torch.autograd.grad(frozen, x, grad_out)[0])
-    with torch.no_grad():
-        up.normal_(generator=g)
-    got = F_lora.fused_linear(x, weight, bias, down, up, 0.7)
-    grads = torch.autograd.grad(got, (x, down, up), grad_out)
-    plain = F.linear(x, weight, bias) + 0.7 * F.linear(F.linear(x, down), up)
-    expected = torch.autograd.grad(plain, (x, down, up), grad_out)
-    assert torch.allclose(got, plain, atol=1e-12)
-    for a, b in zip(grads, expected):
-        assert torch.allclose(a, b, atol=1e-12)
-
-
-@pytest.mark.parametrize("batch, with_bias", [(1, True), (3, False)])
-def test_fused_conv1x1_lora_equals_the_unfused_layer(batch, with_bias):
-    """The 1x1 conv node (adapter as GEMMs over the pixels, accumulated into the frozen conv): forward and
-    every gradient equal two plain convs in float64; a zero `up` gives the frozen conv's output and input
-    gradient bit for bit, in float32 too. A LoRA module on a 1x1 conv takes this node and trains through it."""
-    g = torch.Generator().manual_seed(2)
+def check_fused_lora_node(node, frozen_op, g, x_shape, weight_shape, out_shape, bias: bool):
+    """node(x, W, b, D, U, s) against frozen_op(x, W, b) + s·frozen_op(frozen_op(x, D), U): a zero U gives the
+    frozen layer's output and input gradient bit for bit (float32 and float64); with a random U the output and
+    every gradient equal plain autograd in float64. Returns the float64 x."""
+    r, (out_ch, in_ch) = 4, weight_shape[:2]
+    kernel = weight_shape[2:]
     for dtype in (torch.float32, torch.float64):
-        x = torch.randn(batch, 12, 5, 7, dtype=dtype, generator=g, requires_grad=True)
-        weight = torch.randn(10, 12, 1, 1, dtype=dtype, generator=g)
-        bias = torch.randn(10, dtype=dtype, generator=g) if with_bias else None
-        down = torch.randn(4, 12, 1, 1, dtype=dtype, generator=g, requires_grad=True)
-        up = torch.zeros(10, 4, 1, 1, dtype=dtype, requires_grad=True)
-        grad_out = torch.randn(batch, 10, 5, 7, dtype=dtype, generator=g)
-        at_zero, frozen = F_lora.fused_conv1x1(x, weight, bias, down, up, 0.7), F.conv2d(x, weight, bias)
+        x = torch.randn(x_shape, dtype=dtype, generator=g, requires_grad=True)
+        weight = torch.randn(weight_shape, dtype=dtype, generator=g)
+        b = torch.randn(out_ch, dtype=dtype, generator=g) if bias else None
+        down = torch.randn(r, in_ch, *kernel, dtype=dtype, generator=g, requires_grad=True)
+        up = torch.zeros(out_ch, r, *kernel, dtype=dtype, requires_grad=True)
+        grad_out = torch.randn(out_shape, dtype=dtype, generator=g)
+        at_zero, frozen = node(x, weight, b, down, up, 0.7), frozen_op(x, weight, b)
         assert torch.equal(at_zero, frozen)
         assert torch.equal(torch.autograd.grad(at_zero, x, grad_out)[0], torch.autograd.grad(frozen, x, grad_out)[0])
     with torch.no_grad():
         up.normal_(generator=g)
-    got = F_lora.fused_conv1x1(x, weight, bias, down, up, 0.7)
+    got = node(x, weight, b, down, up, 0.7)
     grads = torch.autograd.grad(got, (x, down, up), grad_out)
-    plain = F.conv2d(x, weight, bias) + 0.7 * F.conv2d(F.conv2d(x, down), up)
+    plain = frozen_op(x, weight, b) + 0.7 * frozen_op(frozen_op(x, down, None), up, None)
     expected = torch.autograd.grad(plain, (x, down, up), grad_out)
     assert torch.allclose(got, plain, atol=1e-12)
-    for a, b in zip(grads, expected):
-        assert torch.allclose(a, b, atol=1e-12)
+    for a, b_ in zip(grads, expected):
+        assert torch.allclose(a, b_, atol=1e-12)
+    return x
+
+
+@pytest.mark.parametrize("tokens", [3, 100])
+def test_fused_linear_lora_equals_the_unfused_layer(tokens):
+    """The fused Linear node: see check_fused_lora_node."""
+    check_fused_lora_node(F_lora.fused_linear, F.linear, torch.Generator().manual_seed(0), (2, tokens, 12),
+                          (10, 12), (2, tokens, 10), bias=True)
+
+
+@pytest.mark.parametrize("batch, with_bias", [(1, True), (3, False)])
+def test_fused_conv1x1_lora_equals_the_unfused_layer(batch, with_bias):
+    """The 1x1 conv node (adapter as GEMMs over the pixels, accumulated into the frozen conv) against two plain
+    convs (see check_fused_lora_node). A LoRA module on a 1x1 conv takes this node and trains through it."""
+    x = check_fused_lora_node(F_lora.fused_conv1x1, F.conv2d, torch.Generator().manual_seed(2), (batch, 12, 5, 7),
+                              (10, 12, 1, 1), (batch, 10, 5, 7), bias=with_bias)
 
     layer = torch.nn.Conv2d(12, 10, 1).double().requires_grad_(False)
     module = get_algorithm("lora").module.create(LayerSpec.of(layer), 4, 2.0, forward_mode="bypass",
