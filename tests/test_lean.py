@@ -137,6 +137,7 @@ def test_a_norm_output_saved_for_several_adapters_is_rebuilt_once_and_gelu_once(
     """norm1's output feeds to_q, to_k and to_v, each adapter saving it: one rebuild serves all three. The
     GEGLU product's rebuild (for ff.net.2's adapter) hands its gelu(g) to GEGLUProduct's backward."""
     unet, _ = tiny_sd1
+    unet.requires_grad_(False)  # frozen, as in training: only the adapters save norm1's output
     net = create_network(unet, [], NetworkConfig(network_dim=4, conv_dim=4))
     randomize(net, std=0.05)
     unet.train()
