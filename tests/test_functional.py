@@ -107,6 +107,22 @@ def test_delta_weight_matches_float64_closed_form(layer_name, variant, dtype):
     torch.testing.assert_close(got / scale, expected / scale, **TOL[dtype])
 
 
+@pytest.mark.parametrize("layer_name,variant", list(itertools.product(LAYERS, VARIANTS)))
+def test_delta_sq_norm_matches_the_float64_closed_form_without_building_delta(layer_name, variant, monkeypatch):
+    """‖ΔW‖² from the factors (the norm log, max-norm) equals the closed form's; where the algorithm has a
+    factor identity (LoRA/LoCon, LoHa, LoKr without Tucker cores), ΔW is never built."""
+    _, adapter = make(layer_name, variant, torch.float32)
+    randomize_(adapter)
+    expected = closed_form(adapter).pow(2).sum()
+    if "tucker" not in variant:
+        def refuse():
+            raise AssertionError("delta_weight() was built")
+        monkeypatch.setattr(adapter, "delta_weight", refuse)
+    got = adapter.delta_sq_norm()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("layer_name,variant,dtype", CASES)
 def test_bypass_equals_merged_and_merge_roundtrip(layer_name, variant, dtype):
     layer, adapter = make(layer_name, variant, dtype)

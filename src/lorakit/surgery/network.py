@@ -129,7 +129,7 @@ class LoraNetwork(nn.Module):
                     continue
                 kind = "conv" if adapter.spec.is_conv and adapter.spec.kernel != (1, 1) else "linear"
                 block = self.info[name].block or self.info[name].component
-                sq = float(adapter.delta_weight().float().pow(2).sum()) * adapter.multiplier ** 2
+                sq = float(adapter.delta_sq_norm()) * adapter.multiplier ** 2  # no ΔW built
                 entry = out.setdefault(block, {"linear": 0.0, "conv": 0.0})
                 entry[kind] += sq
         return {b: {k: v ** 0.5 for k, v in d.items()} for b, d in out.items()}

@@ -359,7 +359,7 @@ def apply_max_norm(adapters, max_norm: float) -> MaxNormStats:
     for adapter in adapters:
         if adapter.algo == "norm":  # LyCORIS's NormModule takes no max-norm either (it is not a product)
             continue
-        norm = adapter.delta_weight().float().norm()
+        norm = adapter.delta_sq_norm().sqrt()  # from the factors: no ΔW built each step
         ratio = max_norm_ratio(norm, max_norm)
         if ratio != 1:
             scaled += 1

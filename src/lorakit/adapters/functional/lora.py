@@ -25,6 +25,14 @@ def delta_weight(down: torch.Tensor, up: torch.Tensor, scale: float, mid: torch.
     return torch.einsum("oa,abhw,bi->oihw", up2, mid, down.reshape(rank, -1))
 
 
+def product_sq_norm(up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
+    """‖scale · up @ down‖²_F as a float64 scalar, without the (out, n) product: ‖UD‖² = tr(Dᵀ UᵀU D) =
+    tr(UᵀU · DDᵀ) = Σ (UᵀU ⊙ DDᵀ), two (r, r) Grams (both symmetric). up (out, r[, 1, 1]), down (r, n...)."""
+    u = up.reshape(up.shape[0], -1).double()
+    d = down.reshape(down.shape[0], -1).double()
+    return (u.T @ u).mul_(d @ d.T).sum() * scale ** 2
+
+
 def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of up (out, r) @ down (r, n) without forming the (out, n) product: QR of both factors, then
     the SVD of the r x r core. Exact, and O((out + n) r²) instead of O(out n min(out, n))."""

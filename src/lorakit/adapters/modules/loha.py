@@ -62,3 +62,11 @@ class LoHaModule(AdapterModule):
 
     def delta_weight(self) -> torch.Tensor:
         return F_loha.delta_weight(self.weights(), self.scale, self.spec.weight_shape)
+
+    def delta_sq_norm(self) -> torch.Tensor:
+        """Through the exact rank-r² factors (khatri_rao_factors), in float64: no ΔW built."""
+        if "t1" in self.param_names:
+            return super().delta_sq_norm()
+        weights = self.weights()
+        up, down = F_loha.khatri_rao_factors({k: weights[k].double() for k in ("w1a", "w1b", "w2a", "w2b")})
+        return F_lora.product_sq_norm(up, down, self.scale)

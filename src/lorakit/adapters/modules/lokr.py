@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.adapters.functional import lokr as F_lokr
+from lorakit.adapters.functional import lora as F_lora
 from lorakit.adapters.functional.layer import LayerSpec
 from lorakit.adapters.modules import dora
 from lorakit.adapters.modules.base import AdapterModule, Dropouts
@@ -84,3 +85,13 @@ class LoKrModule(AdapterModule):
 
     def delta_weight(self) -> torch.Tensor:
         return F_lokr.delta_weight(self.weights(), self.scale, self.spec.weight_shape)
+
+    def delta_sq_norm(self) -> torch.Tensor:
+        """‖s·kron(W1, W2)‖² = s²·‖W1‖²·‖W2‖², with a low-rank W2 through its Grams: no ΔW built."""
+        w = self.weights()
+        w1_sq = F_lokr.full_w1(w).double().pow(2).sum()
+        if "w2b" in w and "t2" not in w:
+            w2_sq = F_lora.product_sq_norm(w["w2a"], w["w2b"], 1.0)
+        else:
+            w2_sq = torch.linalg.vector_norm(F_lokr.full_w2(w, self.spec.weight_shape), dtype=torch.float64) ** 2
+        return w1_sq * w2_sq * self.scale ** 2
