@@ -72,3 +72,14 @@ def test_gpu_script_tiny_runs_every_row_on_the_cpu_and_says_why_cuda_rows_are_sk
         assert "skipped: CUDA only (bitsandbytes)" in rows["bf16, AdamW8bit"]
         assert "skipped: CUDA only (float8 weights)" in rows["bf16, AdamW, fp8_base"]
         assert "skipped:" in rows["fp16, AdamW"]
+
+
+def test_norms_benchmark_prints_one_row_per_unet():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "norms.py"), "--tiny", "--reps", "1", "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in proc.stdout.splitlines() if line.startswith("| sd")}
+    assert set(rows) == {"sd1", "sdxl"}
+    for cells in rows.values():
+        assert int(cells[1]) > 100 and float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[4]) > 0
