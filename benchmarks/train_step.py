@@ -199,7 +199,7 @@ def flop_share(unet, network, inputs) -> float:
     seen, calls = {}, dict.fromkeys(network.adapters, 0)
 
     def record(name, _, args):  # returns None: the layer's input is left as it is
-        seen.setdefault(name, torch.empty(args[0].shape, device="meta"))
+        seen.setdefault(name, torch.empty(args[0].shape, dtype=args[0].dtype, device="meta"))
         calls[name] += 1
 
     hooks = [network.layer(name).register_forward_pre_hook(partial(record, name)) for name in network.adapters]

@@ -13,20 +13,26 @@ from lorakit.adapters.modules.lora import LoRAModule
 def counted_macs(layer: nn.Module, x: torch.Tensor, recompute: bool) -> int:
     """Multiply-adds torch counts for forward + backward through `layer` (checkpointed: forward twice)."""
     x = x.detach().requires_grad_()
+
+    def block(t):  # square saves the layer's output, so a checkpointed block recomputes the whole layer, as
+        return layer(t).square()  # the next layer of a U-Net block makes it (a lone frozen layer saves nothing)
+
     with FlopCounterMode(display=False) as counter:
-        y = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
+        y = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         y.backward(torch.ones_like(y))
     return counter.get_total_flops() // 2
 
 
 # Linear bypass runs the fused node, whose in-place addmm_ torch's counter does not count
-@pytest.mark.parametrize("kind,mode", [("conv3x3", "bypass"), ("conv3x3", "merged"), ("linear", "merged")])
+# (the folded node: large activations against the weight, see tests/test_folded.py)
+@pytest.mark.parametrize("kind,mode", [("conv3x3", "bypass"), ("conv3x3", "merged"), ("linear", "merged"),
+                                       ("conv3x3_folded", "bypass"), ("linear_folded", "bypass")])
 def test_training_and_recompute_flops_match_the_counter(kind, mode):
     torch.manual_seed(0)
-    if kind == "linear":
-        layer, x = nn.Linear(24, 40), torch.randn(2, 7, 24)
+    if kind.startswith("linear"):
+        layer, x = nn.Linear(24, 40), torch.randn(2, 7 if kind == "linear" else 200, 24)
     else:
-        layer, x = nn.Conv2d(12, 20, 3, padding=1), torch.randn(2, 12, 6, 6)
+        layer, x = nn.Conv2d(12, 20, 3, padding=1), torch.randn(2, 12, *((6, 6) if kind == "conv3x3" else (20, 20)))
     layer.requires_grad_(False)
     module = LoRAModule.create(LayerSpec.of(layer), 4, 2, forward_mode=mode)
     with torch.no_grad():
@@ -34,6 +40,7 @@ def test_training_and_recompute_flops_match_the_counter(kind, mode):
     frozen = counted_macs(layer, x, recompute=False)
     frozen_again = counted_macs(layer, x, recompute=True) - frozen
     module.attach(layer)
+    assert module.folds(x) == kind.endswith("folded")
     with torch.enable_grad():
         plain = counted_macs(layer, x, recompute=False)
         assert plain == module.training_flops(x, mode) and plain > frozen

@@ -13,6 +13,7 @@ from lorakit.adapters.functional.layer import LayerSpec
 from lorakit.adapters.modules.base import Dropouts
 from lorakit.adapters.modules.loha import LoHaOptions
 from lorakit.adapters.modules.lokr import LoKrOptions
+from lorakit.adapters.modules import lora as lora_module
 from lorakit.adapters.modules.lora import LoRAOptions
 from lorakit.adapters.registry import get_algorithm
 
@@ -325,9 +326,11 @@ def test_fused_linear_lora_equals_the_unfused_layer(tokens):
 
 
 @pytest.mark.parametrize("batch, with_bias", [(1, True), (3, False)])
-def test_fused_conv1x1_lora_equals_the_unfused_layer(batch, with_bias):
+def test_fused_conv1x1_lora_equals_the_unfused_layer(batch, with_bias, monkeypatch):
     """The 1x1 conv node (adapter as GEMMs over the pixels, accumulated into the frozen conv) against two plain
-    convs (see check_fused_lora_node). A LoRA module on a 1x1 conv takes this node and trains through it."""
+    convs (see check_fused_lora_node). A LoRA module on a 1x1 conv takes this node and trains through it where
+    the folded node (tests/test_folded.py) does not apply."""
+    monkeypatch.setattr(lora_module, "FOLD_ACTIVATIONS_PER_WEIGHT", {"gemm": float("inf"), "kxk": float("inf")})
     x = check_fused_lora_node(F_lora.fused_conv1x1, F.conv2d, torch.Generator().manual_seed(2), (batch, 12, 5, 7),
                               (10, 12, 1, 1), (batch, 10, 5, 7), bias=with_bias)
 

@@ -136,6 +136,10 @@ class AdapterModule(nn.Module):
     def bypass_flops(self, positions: int) -> int | None:
         return None
 
+    def folds(self, x: torch.Tensor) -> bool:
+        """Whether the bypass runs with the rank-r product folded into the weight (LoRA/LoCon: lora.py)."""
+        return False
+
     def bypass_cost(self, positions: int) -> float | None:
         """bypass_flops weighted by how fast those kernels run relative to the base GEMM/conv (default 1)."""
         return self.bypass_flops(positions)
@@ -148,14 +152,18 @@ class AdapterModule(nn.Module):
         """Multiply-adds of forward + backward through the adapted layer for input x (input needs grad).
 
         frozen layer alone: 2F (forward, grad-input). bypass: 2F + 3A (adapter forward, grad-input,
-        grad-weight). merged: 3F (the weight gradient is now needed) + 3B (building ΔW and its backward).
+        grad-weight), folded 2F + 2A + 2B. merged: 3F (the weight gradient is now needed) + 3B (building ΔW and
+        its backward).
         """
         positions = self._output_positions(x)
         base = positions * math.prod(self.spec.weight_shape)
         mode = mode or self._choose_mode(x)
         if mode == "bypass":  # DoRA's bypass needs ‖W + ΔW‖: ΔW built (3B), or for LoRA W·Dᵀ and its grad (2B)
             norm = (2 if self.lowrank_factors() is not None else 3) * self.build_flops() if self.dora_axis else 0
-            return 2 * base + 3 * self.bypass_flops(positions) + norm
+            # folded: W' built twice (forward, grad-input), the rank-r path twice (the two weight gradients)
+            adapter = (2 * self.bypass_flops(positions) + 2 * self.build_flops() if self.folds(x)
+                       else 3 * self.bypass_flops(positions))
+            return 2 * base + adapter + norm
         return 3 * base + 3 * self.build_flops()
 
     def recompute_flops(self, x: torch.Tensor, mode: str | None = None) -> int:
@@ -164,7 +172,8 @@ class AdapterModule(nn.Module):
         about one ΔW-sized product); merged: building ΔW."""
         mode = mode or self._choose_mode(x)
         if mode == "bypass":
-            return self.bypass_flops(self._output_positions(x)) + (self.build_flops() if self.dora_axis else 0)
+            adapter = self.build_flops() if self.folds(x) else self.bypass_flops(self._output_positions(x))
+            return adapter + (self.build_flops() if self.dora_axis else 0)
         return self.build_flops()
 
     # the factor LyCORIS folds its use_scalar scalar into (lora_up, hada_w1_a, lokr_w1 / lokr_w1_a)

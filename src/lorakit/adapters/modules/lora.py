@@ -1,11 +1,13 @@
 """LoRA (Linear, 1x1 conv) and LoCon (kxk conv, optional Tucker `mid`) module."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from lorakit.adapters.functional import dora as F_dora
+from lorakit.adapters.functional import folded as F_folded
 from lorakit.adapters.functional import lora as F_lora
 from lorakit.adapters.functional.layer import LayerSpec
 from lorakit.adapters.modules import dora
@@ -18,6 +20,13 @@ class LoRAOptions:
     use_scalar: bool = False  # LyCORIS: trained scalar from 0, `up` starts random (folded into lora_up in files)
     dora_wd: bool = False  # DoRA: W' = m ⊙ (W + ΔW)/‖W + ΔW‖ with a trained magnitude m (`dora_scale` in files)
     wd_on_output: bool = False  # DoRA norm per output row (LyCORIS >= 3.2); default per input column (A1111/ComfyUI)
+
+
+# folds(): activations (positions x (in + out)) per weight element from which the folded node is faster than
+# the bypass, measured forward + backward per SD1.5 layer shape (2-core Xeon, fp32; docs/benchmarks.md,
+# "Folded LoRA"). GEMM-shaped layers (Linear, 1x1 conv): 320x320 at 1024 tokens gains, 1280x320
+# at 1024 loses; 3x3 convs: 320 ch at 64x64 gains ~40% of the adapter's cost, 320 at 32x32 breaks even.
+FOLD_ACTIVATIONS_PER_WEIGHT = {"gemm": 5.0, "kxk": 1.5}
 
 
 class LoRAModule(AdapterModule):
@@ -61,14 +70,49 @@ class LoRAModule(AdapterModule):
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         return None if "mid" in self.param_names else (self.weights()["up"], self.down, self.scale)
 
-    def _fused_node(self, x: torch.Tensor):
-        """F_lora.fused_linear or fused_conv1x1 where one applies, else None. They give no gradient to the
-        layer's own weight/bias, do not autocast, have no dropouts; the conv node takes a plain 1x1 conv
-        (stride 1, no padding, no Tucker mid) over a contiguous NCHW input."""
-        layer, spec = self.layer, self.spec
+    def _one_node_applies(self, x: torch.Tensor) -> bool:
+        """The fused and folded nodes give no gradient to the layer's own weight/bias, do not autocast and
+        have no dropouts."""
+        layer = self.layer
         dropping = self.training and (self.dropouts.dropout > 0.0 or self.dropouts.rank_dropout > 0.0)
-        if (dropping or layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad)
-                or layer.weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type)):
+        return not (dropping or layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad)
+                    or layer.weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type))
+
+    def folds(self, x: torch.Tensor) -> bool:
+        """Whether the bypass runs folded (functional.folded): float32/float64 without autocast (a half W'
+        would round s·U D away), no Tucker mid, DoRA only at multiplier 1, a conv over an NCHW input with
+        explicit padding, and activations large against the weight: positions·(in + out) at least
+        FOLD_ACTIVATIONS_PER_WEIGHT times the weight's size (kxk convs: the rank-r convs the fold saves run
+        slowly in oneDNN, so it pays off sooner). A detached module is judged from x alone (FLOP models)."""
+        spec = self.spec
+        if (x.dtype not in (torch.float32, torch.float64) or "mid" in self.param_names
+                or torch.is_autocast_enabled(x.device.type)
+                or (self.dora_axis is not None and self.multiplier != 1.0)
+                or (self._layer and not self._one_node_applies(x))):
+            return False
+        if spec.is_conv and (x.dim() != 4 or isinstance(spec.padding, str)):
+            return False
+        kxk = spec.is_conv and spec.kernel != (1, 1)
+        activations = self._output_positions(x) * (spec.in_features + spec.out_features)
+        return activations >= FOLD_ACTIVATIONS_PER_WEIGHT["kxk" if kxk else "gemm"] * math.prod(spec.weight_shape)
+
+    def _folded_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer output through the folded node, or None for a DoRA ratio with an exact zero."""
+        layer, spec, dt = self.layer, self.spec, x.dtype
+        geometry = F_folded.Geometry(spec.stride, spec.padding, spec.dilation) if spec.is_conv else None
+        ratio, scale = None, self.scale * self.multiplier
+        if self.dora_axis is not None:
+            ratio = dora.ratio(self).reshape(-1).to(dt)
+            if bool((ratio == 0).any()):  # the ratio's gradient divides by it
+                return None
+        return F_folded.folded(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt), scale,
+                               geometry, ratio, self.dora_axis)
+
+    def _fused_node(self, x: torch.Tensor):
+        """F_lora.fused_linear or fused_conv1x1 where one applies, else None (see _one_node_applies); the
+        conv node takes a plain 1x1 conv (stride 1, no padding, no Tucker mid) over a contiguous NCHW input."""
+        spec = self.spec
+        if not self._one_node_applies(x):
             return None
         if not spec.is_conv:
             return F_lora.fused_linear
@@ -84,6 +128,10 @@ class LoRAModule(AdapterModule):
         return node(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt), self.scale)
 
     def bypass_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folds(x):
+            y = self._folded_forward(x)
+            if y is not None:
+                return y
         node = self._fused_node(x)
         if node is None or (self.dora_axis is not None and (self.multiplier != 1.0 or self.spec.is_conv)):
             return super().bypass_forward(x)
