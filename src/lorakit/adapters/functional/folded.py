@@ -42,15 +42,19 @@ class Geometry:
 
 def folded_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float,
                   ratio: torch.Tensor | None = None, axis: str | None = None) -> torch.Tensor:
-    """(W + s·U D), its rows (output axis) or input columns (input axis) scaled by ratio, shaped like W."""
+    """(W + s·U D), its rows (output axis) or input columns (input axis) scaled by ratio, shaped like W: as
+    r ⊙ W + s·(r ⊙ U) D (or W ⊙ r + s·U (D ⊙ r)), two passes over the weight fewer than scaling W + s·U D."""
     out, rank = up.shape[0], down.shape[0]
-    w = torch.addmm(weight.reshape(out, -1), up.reshape(out, rank), down.reshape(rank, -1), alpha=scale)
-    if ratio is not None:
-        if axis == "output":
-            w.mul_(ratio.view(-1, 1))
-        else:
-            w.view(out, weight.shape[1], -1).mul_(ratio.view(1, -1, 1))
-    return w.view(weight.shape)
+    w, up, down = weight.reshape(out, -1), up.reshape(out, rank), down.reshape(rank, -1)
+    if ratio is None:
+        return torch.addmm(w, up, down, alpha=scale).view(weight.shape)
+    if axis == "output":
+        w, up = w * ratio.view(-1, 1), up * ratio.view(-1, 1)
+    else:
+        per_input = ratio.view(1, -1, 1)
+        w = (w.view(out, ratio.shape[0], -1) * per_input).view(out, -1)
+        down = (down.view(rank, ratio.shape[0], -1) * per_input).view(rank, -1)
+    return w.addmm_(up, down, alpha=scale).view(weight.shape)
 
 
 def _conv_grads(grad, x, weight, geometry: Geometry, input_grad: bool, weight_grad: bool):

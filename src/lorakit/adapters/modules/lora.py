@@ -29,6 +29,10 @@ class LoRAOptions:
 FOLD_ACTIVATIONS_PER_WEIGHT = {"gemm": 5.0, "kxk": 1.5}
 
 
+def _autocasting(x: torch.Tensor) -> bool:
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)  # meta: FLOP models
+
+
 class LoRAModule(AdapterModule):
     algo = "lora"
     dropout_path = "bypass"  # masks act on the rank activations, which exist only on the bypass path
@@ -76,7 +80,7 @@ class LoRAModule(AdapterModule):
         layer = self.layer
         dropping = self.training and (self.dropouts.dropout > 0.0 or self.dropouts.rank_dropout > 0.0)
         return not (dropping or layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad)
-                    or layer.weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type))
+                    or layer.weight.dtype != x.dtype or _autocasting(x))
 
     def folds(self, x: torch.Tensor) -> bool:
         """Whether the bypass runs folded (functional.folded): float32/float64 without autocast (a half W'
@@ -86,7 +90,7 @@ class LoRAModule(AdapterModule):
         slowly in oneDNN, so it pays off sooner). A detached module is judged from x alone (FLOP models)."""
         spec = self.spec
         if (x.dtype not in (torch.float32, torch.float64) or "mid" in self.param_names
-                or torch.is_autocast_enabled(x.device.type)
+                or _autocasting(x)
                 or (self.dora_axis is not None and self.multiplier != 1.0)
                 or (self._layer and not self._one_node_applies(x))):
             return False
