@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Geometry:
-    """A conv's stride/padding/dilation (explicit ints), or None fields for a Linear layer."""
+    """A conv's stride/padding/dilation (explicit ints); a Linear layer passes None instead."""
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
