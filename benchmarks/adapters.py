@@ -5,7 +5,9 @@
 
 For every (layer shape, batch) it times the frozen layer alone (forward + grad of the input: the cost a
 frozen U-Net layer has in LoRA training) and, per algorithm, each implementation's adapted layer. All
-implementations of a row run round-robin, so machine noise hits them alike; the table shows medians.
+implementations of a row run round-robin, so machine noise hits them alike; the table shows medians. On a
+glibc CPU the process takes the allocator setting the trainer uses there (precision.keep_large_buffers: large
+blocks from the heap, not a fresh mmap that faults in page by page on every call), for every column alike.
 
 Columns: ours/best = our time over the faster reference (target <= 0.8); overhead = our time over the
 frozen layer; FLOP ratio = multiply-adds of our path over the frozen layer's; overhead/FLOPs = how far the
@@ -31,6 +33,7 @@ from torch import nn  # noqa: E402
 from lorakit.adapters.functional.layer import LayerSpec  # noqa: E402
 from lorakit.adapters.modules.lora import LoRAOptions  # noqa: E402
 from lorakit.adapters.registry import get_algorithm  # noqa: E402
+from lorakit.training.precision import keep_large_buffers  # noqa: E402
 
 RANK, ALPHA = 8, 4.0
 SHAPES = [  # label, layer factory, input shape without batch
@@ -157,7 +160,9 @@ def bench_row(label, factory, shape, batch, reps, device, sync, algos=ALGOS):
         refs = [v for k, v in times.items() if k != "lorakit"]
         flop_ratio = adapter.training_flops(x.detach()) / (2 * adapter._output_positions(x) *
                                                           frozen.weight.numel())
-        rows.append((label, batch, algo, base_ms, times, min(refs), flop_ratio, adapter._choose_mode(x), not_dora))
+        path = adapter._choose_mode(x)
+        path = "folded" if path == "bypass" and adapter.folds(x) else path
+        rows.append((label, batch, algo, base_ms, times, min(refs), flop_ratio, path, not_dora))
     return rows
 
 
@@ -171,6 +176,7 @@ def main():
     parser.add_argument("--shapes", default="", help="only the layers whose label contains this, e.g. conv1x1")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    klb = keep_large_buffers(torch.device(args.device))  # the trainer's CPU allocator setting, for every column
     logging.disable(logging.WARNING)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -178,7 +184,7 @@ def main():
     batches = (1,) if args.quick else (1, 4)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"# adapter forward+backward, rank {RANK}, alpha {ALPHA}, fp32, {name}, torch {torch.__version__}, "
-          f"median of {reps}\n")
+          f"median of {reps}, allocator: {'keep_large_buffers' if klb else 'as found'}\n")
     print("| layer | batch | algo | frozen ms | lorakit ms (path) | lycoris bypass ms | lycoris rebuild ms | "
           "peft ms | ours/best | overhead | FLOP ratio | overhead/FLOPs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -23,10 +23,11 @@ class LoRAOptions:
 
 
 # folds(): activations (positions x (in + out)) per weight element from which the folded node is faster than
-# the bypass, measured forward + backward per SD1.5 layer shape (2-core Xeon, fp32; docs/benchmarks.md,
-# "Folded LoRA"). GEMM-shaped layers (Linear, 1x1 conv): 320x320 at 1024 tokens gains, 1280x320
-# at 1024 loses; 3x3 convs: 320 ch at 64x64 gains ~40% of the adapter's cost, 320 at 32x32 breaks even.
-FOLD_ACTIVATIONS_PER_WEIGHT = {"gemm": 5.0, "kxk": 1.5}
+# the bypass, measured forward + backward per SD1.5 layer shape with the trainer's allocator setting (2-core
+# Xeon, fp32; docs/benchmarks.md, "Folded LoRA"). GEMM-shaped layers (Linear, 1x1 conv): 320x320 at 4096
+# tokens (ratio 25.6) gains 30% of the adapter's cost, at 1024 tokens (6.4) breaks even; 3x3 convs: 320
+# out-channels at 64x64 (ratio 1.9-2.8) gain 5-13%, 320 at 32x32 (0.7) loses.
+FOLD_ACTIVATIONS_PER_WEIGHT = {"gemm": 8.0, "kxk": 1.5}
 
 
 def _autocasting(x: torch.Tensor) -> bool:
