@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lorakit.adapters.functional import lora as F_lora
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -117,14 +119,14 @@ def _rank_grads(grad, x, down, up, scale, geometry, need_down: bool, need_up: bo
     grad3 = grad.view(n, out, -1)  # (N, out, H'W')
     pointwise = geometry.pointwise and down.shape[2:] == (1, 1)
     if need_down:
-        a = torch.matmul(up.reshape(out, rank).T * scale, grad3)  # (N, r, H'W')
+        a = F_lora.per_sample(up.reshape(out, rank).T * scale, grad3)  # (N, r, H'W')
         if pointwise:  # oneDNN's rank-r 1x1 convs run far below GEMM speed: batched GEMMs instead
             grad_down = torch.matmul(a, x.reshape(n, x.shape[1], -1).transpose(1, 2)).sum(0).view_as(down)
         else:
             grad_down = _conv_grads(a.view(n, rank, *grad.shape[2:]), x, down, geometry, False, True)[1]
     if need_up:
         if pointwise:
-            h = torch.matmul(down.reshape(rank, -1), x.reshape(n, x.shape[1], -1))  # (N, r, HW)
+            h = F_lora.per_sample(down.reshape(rank, -1), x.reshape(n, x.shape[1], -1))  # (N, r, HW)
         else:
             h = F.conv2d(x, down, None, geometry.stride, geometry.padding, geometry.dilation).view(n, rank, -1)
         grad_up = (torch.matmul(h, grad3.transpose(1, 2)).sum(0).T * scale).view_as(up)

@@ -151,6 +151,13 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y.reshape(*lead, y.shape[-1])
 
 
+def per_sample(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """weight (r, C) @ t[n] (C, L) for every sample n of t (N, C, L), as one bmm with the weight expanded.
+    torch.matmul folds a 2-D @ 3-D product into one GEMM over a transposed copy of t when N > 1: for a 4x640
+    channels x 64x64 map that copy took 29 ms of a 100 ms forward + backward, three times the GEMMs."""
+    return torch.bmm(weight.expand(t.shape[0], -1, -1), t)
+
+
 class FusedConv1x1LoRA(torch.autograd.Function):
     """y = conv1x1(x, W, b) + scale · U (D x) at every pixel, for a frozen 1x1 conv over NCHW, in one node.
 
@@ -165,7 +172,7 @@ class FusedConv1x1LoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, scale: float):
         n, c, height, width = x.shape
-        h = torch.matmul(down, x.view(n, c, height * width))  # (N, r, HW)
+        h = per_sample(down, x.view(n, c, height * width))  # (N, r, HW)
         y = F.conv2d(x, weight, bias).contiguous()
         y.view(n, -1, height * width).baddbmm_(up.expand(n, -1, -1), h, alpha=scale)
         ctx.save_for_backward(x, weight, down, up, h)
@@ -180,7 +187,7 @@ class FusedConv1x1LoRA(torch.autograd.Function):
         grad3 = grad.view(n, -1, height * width)  # (N, out, HW)
         grad_x = grad_down = grad_up = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            grad_h = torch.matmul((up * ctx.scale).T, grad3)  # (N, r, HW)
+            grad_h = per_sample((up * ctx.scale).T, grad3)  # (N, r, HW)
             if ctx.needs_input_grad[0]:  # the call autograd makes for the frozen conv alone
                 grad_x = torch.ops.aten.convolution_backward(
                     grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [0, 0], [1, 1],
