@@ -245,14 +245,21 @@ class FusedLinearDoRA(torch.autograd.Function):
             if output_axis:
                 grad_up = grad_up * r[:, None]
         if needs[6]:
-            if output_axis:
-                grad_r = (grad * y).sum(0)
-                if bias is not None:
-                    grad_r = grad_r - bias * grad.sum(0)
-            else:
-                grad_r = (x * grad_x).sum(0)
-            grad_r = grad_r / r
+            grad_r = ratio_grad(grad, x, grad_x, y, bias, r, ctx.axis)
         return (grad_x if needs[0] else None), None, None, grad_down, grad_up, None, grad_r, None
+
+
+def ratio_grad(grad, x, grad_x, y, bias, ratio, axis: str) -> torch.Tensor:
+    """∂r of a node with the ratio folded into its weights: output axis Σ g ⊙ (y − b) / r (y − b = r ⊙ (W + ΔW)x),
+    input axis Σ x ⊙ grad_x / r, summed over every dim but the channel (dim 1 of [T, C] or [N, C, H, W])."""
+    dims = (0,) if grad.dim() == 2 else (0, 2, 3)
+    if axis == "output":
+        g = (grad * y).sum(dims)
+        if bias is not None:
+            g = g - bias * grad.sum(dims)
+    else:
+        g = (x * grad_x).sum(dims)
+    return g / ratio
 
 
 def fused_linear_dora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lorakit.adapters.functional import dora as F_dora
 from lorakit.adapters.functional import lora as F_lora
 
 
@@ -95,7 +96,7 @@ class FoldedLoRA(torch.autograd.Function):
             grad_down = grad_down * _input_view(ratio, down)
         if grad_up is not None and ratio is not None and axis == "output":
             grad_up = grad_up * ratio.view(-1, *[1] * (up.dim() - 1))
-        grad_ratio = _ratio_grad(grad, x, grad_x, y, bias, ratio, axis) if needs[6] else None
+        grad_ratio = F_dora.ratio_grad(grad, x, grad_x, y, bias, ratio, axis) if needs[6] else None
         return (grad_x if needs[0] else None), None, None, grad_down, grad_up, None, grad_ratio, None, None
 
 
@@ -131,19 +132,6 @@ def _rank_grads(grad, x, down, up, scale, geometry, need_down: bool, need_up: bo
             h = F.conv2d(x, down, None, geometry.stride, geometry.padding, geometry.dilation).view(n, rank, -1)
         grad_up = (torch.matmul(h, grad3.transpose(1, 2)).sum(0).T * scale).view_as(up)
     return grad_down, grad_up
-
-
-def _ratio_grad(grad, x, grad_x, y, bias, ratio, axis):
-    """∂r: output axis Σ g ⊙ (y − b) / r (y − b = r ⊙ (W + ΔW)x); input axis Σ x ⊙ grad_x / r, summed over
-    every dim but the channel (Linear: dim 1 of [T, C]; conv: dim 1 of [N, C, H, W])."""
-    dims = (0,) if grad.dim() == 2 else (0, 2, 3)
-    if axis == "output":
-        g = (grad * y).sum(dims)
-        if bias is not None:
-            g = g - bias * grad.sum(dims)
-    else:
-        g = (x * grad_x).sum(dims)
-    return g / ratio
 
 
 def folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor,
