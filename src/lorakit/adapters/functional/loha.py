@@ -81,7 +81,9 @@ def init_weights(spec: LayerSpec, rank: int, use_tucker: bool = False, dtype=Non
         k *= s
 
     def normal(shape, std):
-        return torch.randn(shape, dtype=dtype, device=device, generator=generator) * std
+        # a seeded draw is made where its generator lives (the CPU), then moved: the same start on any device
+        at = device if generator is None else generator.device
+        return (torch.randn(shape, dtype=dtype, device=at, generator=generator) * std).to(device)
 
     def second_up(shape):
         return normal(shape, 0.1) if use_scalar else torch.zeros(shape, dtype=dtype, device=device)

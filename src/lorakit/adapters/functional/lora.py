@@ -94,7 +94,11 @@ def kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) 
     fan_in = t[0].numel()
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
-        return t.uniform_(-bound, bound, generator=generator)
+        if generator is None or generator.device == t.device:
+            return t.uniform_(-bound, bound, generator=generator)
+        # a seeded draw is made where its generator lives (the CPU), then moved: the same start on any device
+        return t.copy_(torch.empty(t.shape, dtype=t.dtype, device=generator.device).uniform_(-bound, bound,
+                                                                                              generator=generator))
 
 
 def flops(spec: LayerSpec, rank: int, positions: int, tucker: bool = False) -> int:
