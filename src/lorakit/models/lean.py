@@ -150,6 +150,8 @@ def _geglu(proj: torch.Tensor, approximate: str, slot: list | None = None) -> to
 def _lean_geglu_forward(module: torch.nn.Module):
     def forward(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         proj = module.proj(hidden_states)  # through an adapter on `proj`, if one is attached
+        if torch.compiler.is_compiling():  # a compiled graph chooses what to keep by itself
+            return _geglu(proj, "none")
         slot = []
         out = GEGLUProduct.apply(proj, "none", slot)  # diffusers' GEGLU: exact gelu
         _register(out, lambda: _geglu(proj, "none", slot), (proj,))  # the next Linear's adapter keeps `out`

@@ -300,6 +300,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if cfg.torch_compile and cfg.dynamo_backend != "no":  # speed only: the same math, traced through the adapters' forwards
+            for adapter in self.network.adapters.values():
+                if getattr(adapter, "alpha", None) is not None:
+                    adapter.alpha_value  # read now, in eager: the traced graph takes it as a constant
             self.step_unet = torch.compile(self.unet, backend=cfg.dynamo_backend)
         self.unet.train(), self.network.train()
         monitor = Monitor(self.out / f"{cfg.output_name}-history.json", cfg.logging_dir, resume_step=progress.step,

@@ -266,7 +266,9 @@ def fused_linear_dora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       up: torch.Tensor, scale: float, r: torch.Tensor, axis: str) -> torch.Tensor:
     """DoRA W'x + b for a frozen Linear and ΔW = s·U D, any leading dims; r = m / ‖W + ΔW‖ as a vector."""
     _check_axis(axis)
-    if bool((r == 0).any()):  # a zero magnitude: the folded form cannot give r's gradient there
+    # a zero magnitude: the folded form cannot give r's gradient there; a compiled graph cannot ask (the check
+    # reads r back on the host)
+    if torch.compiler.is_compiling() or bool((r == 0).any()):
         return _unfused_linear_dora(x, weight, bias, down, up, scale, r, axis)
     lead = x.shape[:-1]
     y = FusedLinearDoRA.apply(x.reshape(-1, x.shape[-1]), weight, bias, down, up, scale, r, axis)

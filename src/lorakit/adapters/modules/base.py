@@ -81,6 +81,8 @@ class AdapterModule(nn.Module):
         rank = self.rank
         alpha = effective_alpha(alpha, rank)  # stored as kohya does: alpha unset or 0 becomes the rank
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        self._alpha_key: tuple[int, int] | None = None  # see alpha_value
+        self._alpha_float = float(alpha)
         self.multiplier = 1.0
         self.dropouts = dropouts
         self.forward_mode = forward_mode
@@ -97,8 +99,20 @@ class AdapterModule(nn.Module):
         raise NotImplementedError
 
     @property
+    def alpha_value(self) -> float:
+        """The alpha buffer as a Python float, read again only after it changed (new tensor or in-place write,
+        such as load_state_dict): on a GPU each read is a device-to-host copy that waits for the queue, and
+        the scale is wanted at every forward of every adapter."""
+        if torch.compiler.is_compiling():  # a traced graph takes it as a constant, read in eager before
+            return self._alpha_float  # (a guard on the float alone: adapters with equal alphas share code)
+        key = (id(self.alpha), self.alpha._version)
+        if self._alpha_key != key:
+            self._alpha_key, self._alpha_float = key, float(self.alpha)
+        return self._alpha_float
+
+    @property
     def scale(self) -> float:
-        return scale_of(float(self.alpha), self.rank)
+        return scale_of(self.alpha_value, self.rank)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW (without the multiplier), shaped like the base weight."""

@@ -61,7 +61,7 @@ class LoKrModule(AdapterModule):
 
     @property
     def scale(self) -> float:
-        return F_lokr.scale_for(self.weights(), float(self.alpha))
+        return F_lokr.scale_for(self.weights(), self.alpha_value)
 
     def bypass_delta(self, x: torch.Tensor) -> torch.Tensor:
         weights = {k: v.to(x.dtype) for k, v in self.weights().items()}

@@ -85,14 +85,15 @@ class LoRAModule(AdapterModule):
 
     def folds(self, x: torch.Tensor) -> bool:
         """Whether the bypass runs folded (functional.folded): float32/float64 without autocast (a half W'
-        would round s·U D away), no Tucker mid, DoRA only at multiplier 1, a conv over an NCHW input with
+        would round s·U D away), no Tucker mid, DoRA only at multiplier 1 and not
+        under torch.compile (its zero-ratio check reads the ratio back), a conv over an NCHW input with
         explicit padding, and activations large against the weight: positions·(in + out) at least
         FOLD_ACTIVATIONS_PER_WEIGHT times the weight's size (kxk convs: the rank-r convs the fold saves run
         slowly in oneDNN, so it pays off sooner). A detached module is judged from x alone (FLOP models)."""
         spec = self.spec
         if (x.dtype not in (torch.float32, torch.float64) or "mid" in self.param_names
                 or _autocasting(x)
-                or (self.dora_axis is not None and self.multiplier != 1.0)
+                or (self.dora_axis is not None and (self.multiplier != 1.0 or torch.compiler.is_compiling()))
                 or (self._layer and not self._one_node_applies(x))):
             return False
         if spec.is_conv and (x.dim() != 4 or isinstance(spec.padding, str)):
