@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu.sh            # CUDA: SD1.5 512 px and SDXL 1024 px, about 6-8 minutes
 #   bash benchmarks/gpu.sh --tiny     # CPU, tiny models: the same code, CUDA-only rows skipped with the reason
+#   bash benchmarks/gpu.sh --profile [--tiny]   # benchmarks/gpu_profile.py: adapted against bare U-Net, top ops
 #
 # Dependencies, without `make venv` (which needs PyPI and installs a CPU torch): a python whose torch sees the
 # GPU is used as it is; what it lacks from requirements-lock.txt (diffusers, transformers, safetensors, ...)
@@ -64,4 +65,8 @@ if [[ $tiny == 0 ]] && ! "$PY" -c 'import bitsandbytes' 2>/dev/null; then
     fi
 fi
 export PYTHONUNBUFFERED=1
+if [[ ${1:-} == --profile ]]; then
+    shift
+    exec "$PY" benchmarks/gpu_profile.py "$@"  # where a step goes: adapted against bare U-Net, top ops
+fi
 exec "$PY" benchmarks/gpu_step.py "$@"

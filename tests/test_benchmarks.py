@@ -74,6 +74,17 @@ def test_gpu_script_tiny_runs_every_row_on_the_cpu_and_says_why_cuda_rows_are_sk
         assert "skipped:" in rows["fp16, AdamW"]
 
 
+def test_gpu_profile_tiny_times_the_adapted_and_bare_unet_and_lists_ops():
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--profile", "--tiny", "--models", "sd1", "--rows", "5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = proc.stdout.split("## sd1 64 px: ")[1]
+    assert int(table.split(" adapters")[0]) > 100
+    step, adapted, bare = (float(c) for c in table.split("|---|---|---|---|---|---|\n| ")[1].split(" | ")[:3])
+    assert step > 0 and adapted > bare > 0  # the adapters cost something on top of the frozen U-Net
+    assert table.count("aten::") >= 3  # the ops with the most host time
+
+
 def test_norms_benchmark_prints_one_row_per_unet():
     cmd = [sys.executable, str(ROOT / "benchmarks" / "norms.py"), "--tiny", "--reps", "1", "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
