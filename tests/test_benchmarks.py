@@ -66,11 +66,12 @@ def test_gpu_script_tiny_runs_every_row_on_the_cpu_and_says_why_cuda_rows_are_sk
     for model in ("## sd1 64 px", "## sdxl 64 px"):
         table = proc.stdout.split(model)[1].split("\n\n")[1]
         rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-        assert len(rows) == 7
+        assert len(rows) == 8
         for label in ("bf16, AdamW", "bf16, AdamW, grad ckpt", "bf16, AdamW, torch_compile"):
             assert float(rows[label].split("|")[2]) > 0  # it/s measured through the trainer
         assert "skipped: CUDA only (bitsandbytes)" in rows["bf16, AdamW8bit"]
         assert "skipped: CUDA only (float8 weights)" in rows["bf16, AdamW, fp8_base"]
+        assert "skipped: CUDA only (CUDA graphs)" in rows["bf16, AdamW, torch_compile reduce-overhead"]
         assert "skipped:" in rows["fp16, AdamW"]
 
 

@@ -7,10 +7,12 @@ into ~100 graphs: on an H200 the compiled step was slower than eager (1.73 again
 import pytest
 import torch
 
-from conftest import randomize, unet_inputs
+from conftest import randomize, train_config, unet_inputs
 from lorakit.adapters.modules import lora as lora_module
 from lorakit.models.lean import make_lean
 from lorakit.surgery.network import NetworkConfig, create_network
+from lorakit.training.config import ConfigError
+from lorakit.training.trainer import Trainer
 
 ALGOS = {
     "locon": dict(algo="lora"),
@@ -88,3 +90,23 @@ def test_the_scale_follows_every_write_to_alpha_without_reading_it_each_forward(
     adapter.alpha.fill_(2.0)
     unet(x, t, ctx, **extra)
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune"])
+def test_dynamo_mode_reaches_torch_compile(tiny_folder, images, tmp_path, monkeypatch, mode):
+    compiled = []
+
+    def fake_compile(model, **kwargs):  # records the call; the step runs the model as it is
+        compiled.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = train_config(tiny_folder, images, tmp_path, torch_compile=True, dynamo_mode=mode, max_train_steps=1)
+    Trainer(cfg).run()
+    assert compiled == [dict(backend="inductor", mode=None if mode == "default" else mode)]
+
+
+def test_a_dynamo_mode_without_inductor_is_refused_with_both_keys_named(tiny_folder, images, tmp_path):
+    with pytest.raises(ConfigError, match="dynamo_mode = 'reduce-overhead'.*dynamo_backend is 'eager'"):
+        train_config(tiny_folder, images, tmp_path, torch_compile=True, dynamo_backend="eager",
+                     dynamo_mode="reduce-overhead")

@@ -88,6 +88,12 @@ def test_standard_keeps_kohya_ss_keys_and_says_conv_values_are_not_carried_over(
         assert name in left_out
 
 
+def test_dynamo_mode_becomes_the_torch_compile_mode_key():
+    keys, notes, _ = convert_kohya_ss(saved(dynamo_backend="inductor", dynamo_mode="reduce-overhead"))
+    assert (keys["dynamo_backend"], keys["dynamo_mode"]) == ("inductor", "reduce-overhead")
+    assert not mentioned(notes, "dynamo_mode")
+
+
 def test_every_field_is_a_key_or_named_in_the_notes():
     data = saved(weird_field="x", hunyuan_vae="/vae", lowvram=True, stop_text_encoder_training=20)
     keys, notes, _ = convert_kohya_ss(data)

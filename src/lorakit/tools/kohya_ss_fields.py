@@ -82,7 +82,7 @@ _SAME_NAME = {  # JSON field = sd-scripts key, typed as sd-scripts' argparse wou
     "float": "caption_dropout_rate huber_c huber_scale ip_noise_gamma learning_rate lr_scheduler_power "
              "max_grad_norm min_snr_gamma network_alpha network_dropout prior_loss_weight scale_weight_norms "
              "v_pred_like_loss",
-    "str": "caption_extension dataset_config dynamo_backend huber_schedule huggingface_repo_id "
+    "str": "caption_extension dataset_config dynamo_backend dynamo_mode huber_schedule huggingface_repo_id "
            "huggingface_repo_type huggingface_repo_visibility huggingface_path_in_repo log_tracker_name "
            "log_tracker_config log_with logging_dir loss_type lr_scheduler lr_scheduler_type metadata_author "
            "metadata_description metadata_license metadata_tags metadata_title mixed_precision network_weights "
@@ -129,7 +129,7 @@ OTHER_FAMILY_FIELDS = set(
     "logit_mean logit_std mode_scale pos_emb_random_crop_rate save_clip save_t5xxl t5xxl_device t5xxl_dtype "
     "weighting_scheme fp8_base_unet train_lora_ggpo ggpo_sigma ggpo_beta".split())
 ACCELERATE = set("num_cpu_threads_per_process num_processes num_machines multi_gpu gpu_ids main_process_port "
-                 "dynamo_mode dynamo_use_fullgraph dynamo_use_dynamic extra_accelerate_launch_args".split())
+                 "dynamo_use_fullgraph dynamo_use_dynamic extra_accelerate_launch_args".split())
 GUI_ONLY = {"LoRA_type": "", "model_list": "", "save_as_bool": "", "save_as": "", "file_path": "", "headless": "",
             "print_only": "", "training_preset": "", "noise_offset_type": "picks the noise keys that kohya_ss passes",
             "sdxl": "picks sdxl_train_network.py; lorakit detects SDXL from the checkpoint",

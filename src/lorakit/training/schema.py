@@ -126,6 +126,11 @@ class TrainConfig:
     dynamo_backend: str = opt("inductor", "torch.compile backend for torch_compile; \"no\" (accelerate's and "
                                           "kohya_ss's word for off) compiles nothing",
                               choices=("no", "inductor", "aot_eager", "eager", "cudagraphs"))
+    dynamo_mode: str = opt("default", "torch.compile mode for torch_compile (accelerate's and kohya_ss's "
+                                      "dynamo_mode): \"reduce-overhead\" replays the step's kernels as CUDA graphs, "
+                                      "for GPUs whose host cannot launch kernels fast enough (no effect on the CPU); "
+                                      "\"max-autotune\" also tunes kernels (a longer compile)",
+                           choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     seed: int = opt(42, "random seed", lo=0)
     # ---- noise, timesteps and loss ----
     noise_offset: float = opt(0.0, "noise offset", lo=0.0, hi=1.0)

@@ -303,7 +303,8 @@ class Trainer:
             for adapter in self.network.adapters.values():
                 if getattr(adapter, "alpha", None) is not None:
                     adapter.alpha_value  # read now, in eager: the traced graph takes it as a constant
-            self.step_unet = torch.compile(self.unet, backend=cfg.dynamo_backend)
+            mode = None if cfg.dynamo_mode == "default" else cfg.dynamo_mode  # inductor's (cross_field_problems)
+            self.step_unet = torch.compile(self.unet, backend=cfg.dynamo_backend, mode=mode)
         self.unet.train(), self.network.train()
         monitor = Monitor(self.out / f"{cfg.output_name}-history.json", cfg.logging_dir, resume_step=progress.step,
                           total_steps=total, log_prefix=cfg.log_prefix) if self.procs.is_main else None
