@@ -68,6 +68,7 @@ def test_the_adapted_unet_compiles_to_one_graph_without_breaks(tiny_sd1, algo, p
         forward(x, t, ctx)
         assert sum(y is not None for y in folded) > 20
 
+
 def test_the_scale_follows_every_write_to_alpha_without_reading_it_each_forward(tiny_sd1, monkeypatch):
     unet, _ = tiny_sd1
     net = create_network(unet, [], NetworkConfig(network_dim=4, network_alpha=2, conv_dim=4, conv_alpha=3), seed=0)
