@@ -300,9 +300,8 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if cfg.torch_compile and cfg.dynamo_backend != "no":  # speed only: the same math, traced through the adapters' forwards
-            for adapter in self.network.adapters.values():
-                if getattr(adapter, "alpha", None) is not None:
-                    adapter.alpha_value  # read now, in eager: the traced graph takes it as a constant
+            for adapter in (a for a in self.network.adapters.values() if getattr(a, "alpha", None) is not None):
+                adapter.alpha_value  # read now, in eager: the traced graph takes it as a constant
             mode = None if cfg.dynamo_mode == "default" else cfg.dynamo_mode  # inductor's (cross_field_problems)
             self.step_unet = torch.compile(self.unet, backend=cfg.dynamo_backend, mode=mode)
         self.unet.train(), self.network.train()
