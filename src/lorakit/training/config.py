@@ -217,7 +217,7 @@ def cross_field_problems(config: TrainConfig) -> list[str]:
     out += noise_and_loss_problems(config)
     if config.dim_from_weights and not config.network_weights:
         out.append("dim_from_weights needs network_weights (the LoRA file to take dims from)")
-    if config.dynamo_mode != "default" and config.dynamo_backend != "inductor":
+    if config.dynamo_mode != "default" and config.dynamo_backend not in ("inductor", "no"):  # "no": nothing compiles
         out.append(f"dynamo_mode = {config.dynamo_mode!r} is a mode of the inductor backend; dynamo_backend is "
                    f"{config.dynamo_backend!r}: set dynamo_backend = \"inductor\" or leave dynamo_mode out")
     return out

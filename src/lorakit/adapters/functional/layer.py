@@ -70,3 +70,9 @@ def effective_alpha(alpha: float | None, rank: int) -> float:
 def scale_of(alpha: float | None, rank: int) -> float:
     """ΔW scale = alpha / rank, with effective_alpha's rule for a missing or zero alpha."""
     return effective_alpha(alpha, rank) / rank
+
+
+def draw_device(device, generator: torch.Generator | None):
+    """Where a seeded initial draw is made: on its generator's device (the run's CPU generator), then moved to
+    `device`, so one seed starts the same adapters on any device (a CPU generator cannot fill a CUDA tensor)."""
+    return device if generator is None else generator.device

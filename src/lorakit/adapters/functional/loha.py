@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.functional.layer import LayerSpec, draw_device
 
 
 class _HadamardProduct(torch.autograd.Function):
@@ -81,8 +81,7 @@ def init_weights(spec: LayerSpec, rank: int, use_tucker: bool = False, dtype=Non
         k *= s
 
     def normal(shape, std):
-        # a seeded draw is made where its generator lives (the CPU), then moved: the same start on any device
-        at = device if generator is None else generator.device
+        at = draw_device(device, generator)
         return (torch.randn(shape, dtype=dtype, device=at, generator=generator) * std).to(device)
 
     def second_up(shape):

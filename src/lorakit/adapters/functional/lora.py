@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lorakit.adapters.functional.layer import LayerSpec
+from lorakit.adapters.functional.layer import LayerSpec, draw_device
 
 
 def delta_weight(down: torch.Tensor, up: torch.Tensor, scale: float, mid: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,11 +94,10 @@ def kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) 
     fan_in = t[0].numel()
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
-        if generator is None or generator.device == t.device:
+        at = draw_device(t.device, generator)
+        if at == t.device:
             return t.uniform_(-bound, bound, generator=generator)
-        # a seeded draw is made where its generator lives (the CPU), then moved: the same start on any device
-        return t.copy_(torch.empty(t.shape, dtype=t.dtype, device=generator.device).uniform_(-bound, bound,
-                                                                                              generator=generator))
+        return t.copy_(torch.empty(t.shape, dtype=t.dtype, device=at).uniform_(-bound, bound, generator=generator))
 
 
 def flops(spec: LayerSpec, rank: int, positions: int, tucker: bool = False) -> int:
