@@ -12,7 +12,8 @@ of the steps after the warm-up (micro-batch start to optimizer step end).
 Beside each run: the floor (the same frozen U-Net without adapters, forward + backward to its input, same
 dtype, autocast and checkpointing; timed after each training step, alternating with them), the
 adapters' FLOP share (torch.utils.flop_counter over forward + backward on a meta-device copy: adapted
-minus bare, over bare), step / (floor x (1 + share)), trainable
+minus bare, over bare), step / (floor x (1 + share)) with, in brackets, the lowest and highest of the same
+ratio taken per step (each step over the floor timed right after it: the run's own noise), trainable
 versus total U-Net parameters, and a full fine-tune's memory: measured for SD1.5 256 px fp32 (AdamW over the
 whole U-Net, the trainer's loss) when the machine has the memory, else estimated as this run's peak plus
 (16 - w) bytes per U-Net parameter (fp32 weight, gradient and two AdamW moments against the w-byte frozen
@@ -284,7 +285,9 @@ def run_locon(run: Run, res: int, args, folder: Path) -> dict:
     share = flop_share(trainer.unet, trainer.network, inputs)
     floor = statistics.median(floors[args.warmup:])
     unet = trainer.unet
+    pairs = [t / f for t, f in zip(times[args.warmup:], floors[args.warmup:])]  # each step over its own floor
     return dict(step=statistics.median(times[args.warmup:]), first=times[0], peak=peak, floor=floor, share=share,
+                pairs=pairs,
                 trainable=trainer.network.trainable_parameters(), total=unet_params(unet),
                 weight_bytes=next(unet.parameters()).element_size(), losses=result.losses)
 
@@ -399,9 +402,18 @@ def target(run: Run, r: dict, results: dict, tiny: bool) -> str:
     return "; ".join(verdicts) or "-"
 
 
-HEADER = ("| run | s/step | first step s | floor s | FLOP share | step / (floor x (1+share)) | peak RSS GiB | "
-          "full FT peak GiB | peak / full FT | trainable / total params | target (full size) |\n"
+HEADER = ("| run | s/step | first step s | floor s | FLOP share | step / (floor x (1+share)) [per step] | "
+          "peak RSS GiB | full FT peak GiB | peak / full FT | trainable / total params | target (full size) |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def ratio_cell(r: dict) -> str:
+    """step / (floor x (1 + share)) from the medians, then [lowest-highest] of the per-step ratios when there
+    are two or more: how far this run's noise moves the verdict."""
+    bound = 1 + r["share"]
+    cell = f"{r['step'] / (r['floor'] * bound):.2f}"
+    pairs = r.get("pairs") or []
+    return cell + (f" [{min(pairs) / bound:.2f}-{max(pairs) / bound:.2f}]" if len(pairs) > 1 else "")
 
 
 def row(run: Run, r: dict, results: dict, tiny: bool) -> str:
@@ -409,7 +421,7 @@ def row(run: Run, r: dict, results: dict, tiny: bool) -> str:
         return f"| {run.name} | {r.get('failed', r.get('skipped', '-'))} |" + " |" * 10
     ft, how = full_ft_peak(run, r, results)
     return (f"| {run.name} | {r['step']:.2f} | {r['first']:.2f} | {r['floor']:.2f} | {r['share']:.1%} | "
-            f"{r['step'] / (r['floor'] * (1 + r['share'])):.2f} | {gib(r['peak'])} | {gib(ft)} ({how}) | "
+            f"{ratio_cell(r)} | {gib(r['peak'])} | {gib(ft)} ({how}) | "
             f"{r['peak'] / ft:.2f} | {r['trainable']:,} / {r['total']:,} ({r['total'] / r['trainable']:,.0f}x) | "
             f"{target(run, r, results, tiny)} |")
 

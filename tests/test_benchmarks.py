@@ -37,7 +37,15 @@ def test_locon_run_trains_the_in_process_model_in_its_dtype_and_counts_its_param
     assert out["trainable"] == net.trainable_parameters() > 0
     assert out["total"] == sum(p.numel() for p in unet.parameters())
     assert 0 < out["share"] < 1 and out["step"] > 0 and out["floor"] > 0
+    assert len(out["pairs"]) == 2 and all(p > 0 for p in out["pairs"])  # each measured step over its floor
     assert out["peak"] > 2 * out["total"]  # at least the bf16 weights were resident
+
+
+def test_the_ratio_cell_shows_the_per_step_range_beside_the_ratio_of_medians():
+    bench = load_script("train_step")
+    r = dict(step=3.0, floor=2.5, share=0.02, pairs=[1.1, 1.3, 1.2])
+    assert bench.ratio_cell(r) == "1.18 [1.08-1.27]"  # 3.0 / (2.5 x 1.02); 1.1 / 1.02 and 1.3 / 1.02
+    assert bench.ratio_cell(dict(r, pairs=[1.1])) == "1.18"  # one step: no range
 
 
 def test_the_command_prints_the_table_on_stdout_and_progress_on_stderr():
