@@ -15,40 +15,33 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.modules.setdefault("torchvision", None)  # PyPI's torchvision breaks beside CPU torch
 import torch  # noqa: E402
 
-from train_step import Run, bench_config, build_base, fwd_bwd, timed_steps, unet_inputs  # noqa: E402
+from train_step import Run, bench_config, build_base, fwd_bwd, median_time, timed_steps, unet_inputs  # noqa: E402
+
+PASSES = 3  # forward + backward passes under the profiler; its counts are divided by this
 
 
-def timed(fn, sync, warmup: int = 3, reps: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+def timed(fn, sync) -> float:
+    """Median seconds of fn() to the GPU's end (3 warm-up calls, 10 timed)."""
+    return median_time(lambda: (fn(), sync()), warmup=3, steps=10)
 
 
-def profile(fn, sync, cuda: bool, passes: int = 3):
+def profile(fn, sync, cuda: bool):
     activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * cuda
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(passes):
+        for _ in range(PASSES):
             fn()
         sync()
     return prof.key_averages()
 
 
-def per_pass(averages, name: str, passes: int = 3) -> float:
-    return sum(e.count for e in averages if e.key == name) / passes
+def per_pass(averages, name: str) -> float:
+    return sum(e.count for e in averages if e.key == name) / PASSES
 
 
 def main(argv=None) -> int:
@@ -83,7 +76,7 @@ def main(argv=None) -> int:
             bare = timed(adapted, sync)
             trainer.network.apply_to()
             averages = profile(adapted, sync, cuda)
-        busy = sum(e.self_device_time_total for e in averages) / 3 / 1e3 if cuda else float("nan")
+        busy = sum(e.self_device_time_total for e in averages) / PASSES / 1e3 if cuda else float("nan")
         print(f"## {family} {res} px: {len(trainer.network.adapters)} adapters\n\n"
               "| trainer step ms | adapted fwd+bwd ms | bare fwd+bwd ms | GPU busy ms/pass | kernel launches/pass "
               "| cudaMemcpyAsync/pass |\n|---|---|---|---|---|---|\n"
