@@ -161,7 +161,8 @@ def bench_row(label, factory, shape, batch, reps, device, sync, algos=ALGOS):
         flop_ratio = adapter.training_flops(x.detach()) / (2 * adapter._output_positions(x) *
                                                           frozen.weight.numel())
         path = adapter._choose_mode(x)
-        path = "folded" if path == "bypass" and adapter.folds(x) else path
+        if path == "bypass":
+            path = "gemm" if adapter.runs_dora_gemm(x) else "folded" if adapter.folds(x) else path
         rows.append((label, batch, algo, base_ms, times, min(refs), flop_ratio, path, not_dora))
     return rows
 

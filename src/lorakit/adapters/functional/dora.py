@@ -107,12 +107,20 @@ def lowrank_norm_sq(w_sq: torch.Tensor, weight: torch.Tensor, up: torch.Tensor, 
     out, r = up.shape[0], down.shape[0]
     u, w, d = up.reshape(out, r), weight.reshape(out, -1), down.reshape(r, -1)  # (out, r) (out, n) (r, n)
     if axis == "output":
-        cross = (u * (w @ d.T)).sum(1)  # (out,)
-        quad = ((u @ (d @ d.T)) * u).sum(1)
-    else:
-        k = w.shape[1] // weight.shape[1]  # kernel positions per input channel
-        cross = ((u.T @ w) * d).reshape(r, -1, k).sum((0, 2))  # (in,)
-        quad = (((u.T @ u) @ d) * d).reshape(r, -1, k).sum((0, 2))
+        return output_axis_sq(w_sq, u, w @ d.T, d @ d.T, scale)
+    k = w.shape[1] // weight.shape[1]  # kernel positions per input channel
+    cross = ((u.T @ w) * d).reshape(r, -1, k).sum((0, 2))  # (in,)
+    quad = (((u.T @ u) @ d) * d).reshape(r, -1, k).sum((0, 2))
+    return w_sq + (2 * scale * cross + scale * scale * quad).reshape(w_sq.shape)
+
+
+def output_axis_sq(w_sq: torch.Tensor, up: torch.Tensor, wd: torch.Tensor, gram: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """‖W_o + s·(U D)_o‖² per output row from the r-sized products: w_sq ‖W_o‖² (any shape with out elements),
+    up U (out, r), wd = W Dᵀ (out, r), gram = D Dᵀ (r, r). Row o: ‖W_o‖² + 2s U_o·(W Dᵀ)_o + s² U_o (D Dᵀ) U_oᵀ.
+    Kept in w_sq's shape."""
+    cross = (up * wd).sum(1)  # (out,)
+    quad = ((up @ gram) * up).sum(1)
     return w_sq + (2 * scale * cross + scale * scale * quad).reshape(w_sq.shape)
 
 

@@ -154,6 +154,10 @@ class AdapterModule(nn.Module):
         """Whether the bypass runs with the rank-r product folded into the weight (LoRA/LoCon: lora.py)."""
         return False
 
+    def runs_dora_gemm(self, x: torch.Tensor) -> bool:
+        """Whether the bypass runs as one GEMM with DoRA's norm products (LoRA/LoCon: lora.py)."""
+        return False
+
     def bypass_cost(self, positions: int) -> float | None:
         """bypass_flops weighted by how fast those kernels run relative to the base GEMM/conv (default 1)."""
         return self.bypass_flops(positions)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.adapters.functional import dora as F_dora
+from lorakit.adapters.functional import dora_gemm as F_dora_gemm
 from lorakit.adapters.functional import folded as F_folded
 from lorakit.adapters.functional import lora as F_lora
 from lorakit.adapters.functional.layer import LayerSpec
@@ -28,6 +29,11 @@ class LoRAOptions:
 # tokens (ratio 25.6) gains 30% of the adapter's cost, at 1024 tokens (6.4) breaks even; 3x3 convs: 320
 # out-channels at 64x64 (ratio 1.9-2.8) gain 5-13%, 320 at 32x32 (0.7) loses.
 FOLD_ACTIVATIONS_PER_WEIGHT = {"gemm": 8.0, "kxk": 1.5}
+# runs_dora_gemm(): activations per weight element up to which output-axis DoRA convs run as one GEMM with the
+# norm's products (functional.dora_gemm), forward + backward on a 2-core AMD EPYC, fp32 (docs/benchmarks.md,
+# "DoRA convs with few positions"): 1280 ch 3x3 at 8x8, batch 1 (ratio 0.011) 41 -> 30 ms, batch 2 (0.022)
+# 54 -> 49, 640 ch at 8x8 (0.022) 9.7 -> 7.8; batch 4 (0.044) 82 -> 90 and 640 ch at 16x16 (0.089) lose.
+DORA_GEMM_MAX_ACTIVATIONS_PER_WEIGHT = 0.03
 
 
 def _autocasting(x: torch.Tensor) -> bool:
@@ -102,6 +108,27 @@ class LoRAModule(AdapterModule):
         activations = self._output_positions(x) * (spec.in_features + spec.out_features)
         return activations >= FOLD_ACTIVATIONS_PER_WEIGHT["kxk" if kxk else "gemm"] * math.prod(spec.weight_shape)
 
+    def runs_dora_gemm(self, x: torch.Tensor) -> bool:
+        """Whether the bypass runs as functional.dora_gemm: output-axis DoRA on a conv (no Tucker mid, explicit
+        padding) over an NCHW float32/float64 CPU input, at multiplier 1, outside torch.compile, where the fused
+        node applies and activations are small against the weight (measured on CPU only: elsewhere the
+        conv's own kernel runs)."""
+        spec = self.spec
+        if not (self.dora_axis == "output" and spec.is_conv and x.dim() == 4 and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.float64) and self.multiplier == 1.0
+                and "mid" not in self.param_names and not isinstance(spec.padding, str)
+                and not torch.compiler.is_compiling() and self._layer and self._one_node_applies(x)):
+            return False
+        activations = self._output_positions(x) * (spec.in_features + spec.out_features)
+        return activations <= DORA_GEMM_MAX_ACTIVATIONS_PER_WEIGHT * math.prod(spec.weight_shape)
+
+    def _dora_gemm_forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, spec, dt = self.layer, self.spec, x.dtype
+        w_sq = dora.frozen_weight_sq(self, layer.weight, dt)
+        return F_dora_gemm.conv_dora_gemm(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt),
+                                          self.magnitude, w_sq, self.scale,
+                                          F_folded.Geometry(spec.stride, spec.padding, spec.dilation))
+
     def _folded_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer output through the folded node, or None for a DoRA ratio with an exact zero."""
         layer, spec, dt = self.layer, self.spec, x.dtype
@@ -134,6 +161,8 @@ class LoRAModule(AdapterModule):
         return node(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt), self.scale)
 
     def bypass_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_dora_gemm(x):
+            return self._dora_gemm_forward(x)
         if self.folds(x):
             y = self._folded_forward(x)
             if y is not None:

@@ -1,0 +1,108 @@
+"""Output-axis LoRA-DoRA over a frozen conv with few output positions, as GEMMs that read W once per pass.
+
+Where a conv's weight is large against its activations (SD1.5's 1280-channel 3x3 convs at 8x8 latents: a
+59 MB weight, 64 positions), the DoRA norm's two rank-r products with W cost more than the conv itself
+would suggest: W Dᵀ in forward and (c ⊙ U)ᵀ W in backward are skinny GEMMs that run far below the speed of
+the conv's own (MKL on a 2-core CPU: ~5 ms each for what the conv's GEMM does in ~2 ms as 8 extra
+columns). So the conv runs as an im2col GEMM here, with those products as extra columns of it:
+
+    forward   [Z₀ | W Dᵀ] = W [X | Dᵀ]                 X = unfold(x) (n, P), n = in·kh·kw, P = N·Hₒ·Wₒ
+              Z = Z₀ + s U (D X),  r = m / ‖W + s U D‖ per row (output_axis_sq from W Dᵀ and D Dᵀ)
+              y = r ⊙ Z + b
+    backward  ∂Z = r ⊙ g,  ∂r = Σ_P g ⊙ Z,  c = ∂‖W + s U D‖²  (per row, through m / sqrt)
+              [∂X₀ | ∂(W Dᵀ)ᵀ W] = Wᵀ [∂Z | 2s c ⊙ U]     ∂x = fold(∂X₀ + s Dᵀ Uᵀ ∂Z)
+
+The frozen conv's result here comes from MKL's GEMM, not from the conv kernel F.conv2d picks, so on this
+path the output equals the frozen layer's to float rounding, not bit for bit (the adapter's share at step
+0, U = 0 and r = 1, is still exactly zero). x [N, in, H, W], W [out, in, kh, kw] frozen, b [out] | None
+frozen, D [r, in, kh, kw], U [out, r, 1, 1], m [out, 1, 1, 1], w_sq = ‖W‖² per row [out, 1, 1, 1].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.adapters.functional import dora as F_dora
+from lorakit.adapters.functional.folded import Geometry
+
+
+def _cols(x: torch.Tensor, kernel: tuple[int, int], geometry: Geometry, extra: int) -> torch.Tensor:
+    """unfold(x) laid out as one (n, N·L + extra) matrix, the last `extra` columns left for the caller."""
+    cols = F.unfold(x, kernel, geometry.dilation, geometry.padding, geometry.stride)  # (N, n, L)
+    batch, n, length = cols.shape
+    out = x.new_empty(n, batch * length + extra)
+    out[:, :batch * length].view(n, batch, length).copy_(cols.transpose(0, 1))
+    return out
+
+
+class ConvDoRAGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, magnitude, w_sq, scale: float, geometry: Geometry):
+        out, rank = weight.shape[0], down.shape[0]
+        w, u, d = weight.reshape(out, -1), up.reshape(out, rank), down.reshape(rank, -1)
+        rhs = _cols(x, weight.shape[2:], geometry, rank)  # [X | Dᵀ]
+        positions = rhs.shape[1] - rank
+        rhs[:, positions:].copy_(d.T)
+        prod = w @ rhs  # (out, P + r): the only read of W in forward
+        z, wd = prod[:, :positions], prod[:, positions:]
+        h = d @ rhs[:, :positions]  # (r, P)
+        z.addmm_(u, h, alpha=scale)
+        gram = d @ d.T
+        sq = F_dora.output_axis_sq(w_sq.reshape(-1), u, wd, gram, scale)
+        norm = F_dora.norm_from_sq(sq).clamp_min(torch.finfo(sq.dtype).tiny)
+        ratio = magnitude.reshape(-1).to(sq.dtype) / norm
+        batch = x.shape[0]
+        y = x.new_empty(batch, out, positions // batch)
+        torch.mul(z.view(out, batch, -1).transpose(0, 1), ratio.view(1, out, 1), out=y)
+        if bias is not None:
+            y += bias.view(1, out, 1)
+        ctx.save_for_backward(weight, down, up, rhs, prod, h, gram, sq, norm, ratio)
+        ctx.scale, ctx.geometry, ctx.input_size, ctx.magnitude_shape = scale, geometry, x.shape[2:], magnitude.shape
+        return y.view(batch, out, *output_size(x.shape[2:], weight.shape[2:], geometry))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, down, up, rhs, prod, h, gram, sq, norm, ratio = ctx.saved_tensors
+        scale, needs = ctx.scale, ctx.needs_input_grad
+        out, rank, batch = weight.shape[0], down.shape[0], grad.shape[0]
+        w, u, d = weight.reshape(out, -1), up.reshape(out, rank), down.reshape(rank, -1)
+        positions = rhs.shape[1] - rank
+        z, wd = prod[:, :positions], prod[:, positions:]
+        lhs = grad.new_empty(out, positions + rank)  # [∂Z | ∂(W Dᵀ)], for the one read of W in backward
+        grad_z = lhs[:, :positions]
+        grad_z.view(out, batch, -1).copy_(grad.reshape(batch, out, -1).transpose(0, 1))
+        grad_ratio = (grad_z * z).sum(1)  # (out,)
+        grad_z *= ratio[:, None]
+        # r = m / norm, norm = sqrt(sq) (gradient 0 where sq <= 0, as norm_from_sq), so c = ∂L/∂sq per row
+        c = torch.where(sq > 0, -grad_ratio * ratio / (2 * norm * norm), torch.zeros_like(sq))
+        lhs[:, positions:] = (2 * scale) * c[:, None] * u
+        grad_h = (u.T * scale) @ grad_z  # (r, P)
+        back = w.T @ lhs  # (n, P + r)
+        grad_x = grad_down = grad_up = grad_magnitude = None
+        if needs[0]:
+            cols = back[:, :positions].addmm_(d.T, grad_h)  # (n, P)
+            grad_x = F.fold(cols.view(cols.shape[0], batch, -1).transpose(0, 1), tuple(ctx.input_size),
+                            weight.shape[2:], ctx.geometry.dilation, ctx.geometry.padding, ctx.geometry.stride)
+        if needs[3]:
+            cu = c[:, None] * u
+            grad_down = (grad_h @ rhs[:, :positions].T + back[:, positions:].T
+                         + (2 * scale * scale) * (u.T @ cu) @ d).view(down.shape)
+        if needs[4]:
+            grad_up = (scale * (grad_z @ h.T) + (2 * scale) * c[:, None] * wd
+                       + (2 * scale * scale) * c[:, None] * (u @ gram)).view(up.shape)
+        if needs[5]:
+            grad_magnitude = (grad_ratio / norm).view(ctx.magnitude_shape)
+        return grad_x, None, None, grad_down, grad_up, grad_magnitude, None, None, None
+
+
+def output_size(size: torch.Size, kernel: tuple[int, int], geometry: Geometry) -> tuple[int, int]:
+    """(Hₒ, Wₒ) of a conv over an (H, W) input."""
+    return tuple((size[i] + 2 * geometry.padding[i] - geometry.dilation[i] * (kernel[i] - 1) - 1)
+                 // geometry.stride[i] + 1 for i in range(2))
+
+
+def conv_dora_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+                   up: torch.Tensor, magnitude: torch.Tensor, w_sq: torch.Tensor, scale: float,
+                   geometry: Geometry) -> torch.Tensor:
+    """m ⊙ (W + s·U D) x / ‖W + s·U D‖ + b (norm per output row) for a frozen conv: see the module docstring."""
+    return ConvDoRAGemm.apply(x, weight, bias, down, up, magnitude, w_sq, scale, geometry)
