@@ -116,9 +116,10 @@ def lowrank_norm_sq(w_sq: torch.Tensor, weight: torch.Tensor, up: torch.Tensor, 
 
 def output_axis_sq(w_sq: torch.Tensor, up: torch.Tensor, wd: torch.Tensor, gram: torch.Tensor,
                    scale: float) -> torch.Tensor:
-    """‖W_o + s·(U D)_o‖² per output row from the r-sized products: w_sq ‖W_o‖² (any shape with out elements),
-    up U (out, r), wd = W Dᵀ (out, r), gram = D Dᵀ (r, r). Row o: ‖W_o‖² + 2s U_o·(W Dᵀ)_o + s² U_o (D Dᵀ) U_oᵀ.
-    Kept in w_sq's shape."""
+    """‖W_o + s·(U D)_o‖² per output row from r-sized products, in w_sq's shape (out elements, ‖W_o‖² each).
+
+    up U (out, r), wd = W Dᵀ (out, r), gram = D Dᵀ (r, r):
+    row o is ‖W_o‖² + 2s U_o·(W Dᵀ)_o + s² U_o D Dᵀ U_oᵀ."""
     cross = (up * wd).sum(1)  # (out,)
     quad = ((up @ gram) * up).sum(1)
     return w_sq + (2 * scale * cross + scale * scale * quad).reshape(w_sq.shape)
