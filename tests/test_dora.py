@@ -373,3 +373,20 @@ def test_inspect_names_the_dora_layout_and_warns_for_the_output_axis(tmp_path):
     assert "LoRA+DoRA (output axis)" in text
     warning = next(line for line in text.splitlines() if line.startswith("WARNING"))
     assert "A1111" in warning and "ComfyUI" in warning and "‖W‖ instead of ‖W + ΔW‖" in warning
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3, 3)])
+@pytest.mark.parametrize("axis", F_dora.AXES)
+def test_lowrank_ratio_node_gradients_pass_gradcheck(shape, axis):
+    """The one-node ratio m/‖W + s·U D‖ (closed-form backward) against finite differences, float64."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(shape, generator=g, dtype=torch.float64)
+    up = torch.randn((shape[0], 3, *[1] * (len(shape) - 2)), generator=g, dtype=torch.float64).requires_grad_()
+    down = torch.randn((3, *shape[1:]), generator=g, dtype=torch.float64).requires_grad_()
+    magnitude = (F_dora.init_magnitude(weight, axis) * 1.1).requires_grad_()
+    w_sq = F_dora.weight_sq(weight, axis)
+
+    def ratio(up, down, magnitude):
+        return F_dora.lowrank_ratio(w_sq, weight, up, down, 0.4, magnitude, axis)
+
+    assert torch.autograd.gradcheck(ratio, (up, down, magnitude))

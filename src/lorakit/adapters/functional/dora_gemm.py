@@ -49,8 +49,7 @@ class ConvDoRAGemm(torch.autograd.Function):
         z.addmm_(u, h, alpha=scale)
         gram = d @ d.T
         sq = F_dora.output_axis_sq(w_sq.reshape(-1), u, wd, gram, scale)
-        norm = F_dora.norm_from_sq(sq).clamp_min(torch.finfo(sq.dtype).tiny)
-        ratio = magnitude.reshape(-1).to(sq.dtype) / norm
+        ratio, norm = F_dora.ratio_from_sq(sq, magnitude.reshape(-1).to(sq.dtype))
         batch = x.shape[0]
         y = x.new_empty(batch, out, positions // batch)
         torch.mul(z.view(out, batch, -1).transpose(0, 1), ratio.view(1, out, 1), out=y)
@@ -73,9 +72,9 @@ class ConvDoRAGemm(torch.autograd.Function):
         grad_z.view(out, batch, -1).copy_(grad.reshape(batch, out, -1).transpose(0, 1))
         grad_ratio = (grad_z * z).sum(1)  # (out,)
         grad_z *= ratio[:, None]
-        # r = m / norm, norm = sqrt(sq) (gradient 0 where sq <= 0, as norm_from_sq), so c = ∂L/∂sq per row
-        c = torch.where(sq > 0, -grad_ratio * ratio / (2 * norm * norm), torch.zeros_like(sq))
-        lhs[:, positions:] = (2 * scale) * c[:, None] * u
+        c = F_dora.sq_grad(grad_ratio, ratio, norm, sq)  # ∂L/∂‖W_o + s(UD)_o‖², (out,)
+        grad_up_norm, grad_wd, grad_down_gram = F_dora.output_axis_sq_grads(c, u, wd, gram, d, scale)
+        lhs[:, positions:] = grad_wd
         grad_h = (u.T * scale) @ grad_z  # (r, P)
         back = w.T @ lhs  # (n, P + r)
         grad_x = grad_down = grad_up = grad_magnitude = None
@@ -84,12 +83,9 @@ class ConvDoRAGemm(torch.autograd.Function):
             grad_x = F.fold(cols.view(cols.shape[0], batch, -1).transpose(0, 1), tuple(ctx.input_size),
                             weight.shape[2:], ctx.geometry.dilation, ctx.geometry.padding, ctx.geometry.stride)
         if needs[3]:
-            cu = c[:, None] * u
-            grad_down = (grad_h @ rhs[:, :positions].T + back[:, positions:].T
-                         + (2 * scale * scale) * (u.T @ cu) @ d).view(down.shape)
+            grad_down = (grad_h @ rhs[:, :positions].T + back[:, positions:].T + grad_down_gram).view(down.shape)
         if needs[4]:
-            grad_up = (scale * (grad_z @ h.T) + (2 * scale) * c[:, None] * wd
-                       + (2 * scale * scale) * c[:, None] * (u @ gram)).view(up.shape)
+            grad_up = grad_up_norm.addmm_(grad_z, h.T, alpha=scale).view(up.shape)
         if needs[5]:
             grad_magnitude = (grad_ratio / norm).view(ctx.magnitude_shape)
         return grad_x, None, None, grad_down, grad_up, grad_magnitude, None, None, None

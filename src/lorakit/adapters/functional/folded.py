@@ -85,7 +85,12 @@ class FoldedLoRA(torch.autograd.Function):
         scale, axis, geometry, needs = ctx.scale, ctx.axis, ctx.geometry, ctx.needs_input_grad
         dora_input = ratio is not None and axis == "input"
         need_x = needs[0] or (needs[6] and dora_input)
-        grad_x = None
+        grad_x = grad_ratio = None
+        # the output axis's r gradient reduces over grad and y: taken first, while grad is still in cache from
+        # the op that just produced it, not after the passes below (Linear 320x320 at 4096 tokens: 14.2 ->
+        # 13.4 ms). The input axis's needs grad_x: taking it right after grad_x measured no faster.
+        if needs[6] and not dora_input:
+            grad_ratio = F_dora.ratio_grad(grad, x, None, y, bias, ratio, axis)
         if need_x:
             w = folded_weight(weight, up, down, scale, ratio, axis)
             grad_x = grad @ w if geometry is None else _conv_grads(grad.contiguous(), x, w, geometry, True, False)[0]
@@ -96,7 +101,8 @@ class FoldedLoRA(torch.autograd.Function):
             grad_down = grad_down * _input_view(ratio, down)
         if grad_up is not None and ratio is not None and axis == "output":
             grad_up = grad_up * ratio.view(-1, *[1] * (up.dim() - 1))
-        grad_ratio = F_dora.ratio_grad(grad, x, grad_x, y, bias, ratio, axis) if needs[6] else None
+        if needs[6] and dora_input:
+            grad_ratio = F_dora.ratio_grad(grad, x, grad_x, y, bias, ratio, axis)
         return (grad_x if needs[0] else None), None, None, grad_down, grad_up, None, grad_ratio, None, None
 
 
