@@ -55,17 +55,18 @@ class ConvDoRAGemm(torch.autograd.Function):
         torch.mul(z.view(out, batch, -1).transpose(0, 1), ratio.view(1, out, 1), out=y)
         if bias is not None:
             y += bias.view(1, out, 1)
-        ctx.save_for_backward(weight, down, up, rhs, prod, h, gram, sq, norm, ratio)
+        # x, not its 9x larger unfold: rebuilding that in backward is cheap at these sizes
+        ctx.save_for_backward(x, weight, down, up, prod, h, gram, sq, norm, ratio)
         ctx.scale, ctx.geometry, ctx.input_size, ctx.magnitude_shape = scale, geometry, x.shape[2:], magnitude.shape
         return y.view(batch, out, *output_size(x.shape[2:], weight.shape[2:], geometry))
 
     @staticmethod
     def backward(ctx, grad):
-        weight, down, up, rhs, prod, h, gram, sq, norm, ratio = ctx.saved_tensors
+        x, weight, down, up, prod, h, gram, sq, norm, ratio = ctx.saved_tensors
         scale, needs = ctx.scale, ctx.needs_input_grad
         out, rank, batch = weight.shape[0], down.shape[0], grad.shape[0]
         w, u, d = weight.reshape(out, -1), up.reshape(out, rank), down.reshape(rank, -1)
-        positions = rhs.shape[1] - rank
+        positions = h.shape[1]
         z, wd = prod[:, :positions], prod[:, positions:]
         lhs = grad.new_empty(out, positions + rank)  # [∂Z | ∂(W Dᵀ)], for the one read of W in backward
         grad_z = lhs[:, :positions]
@@ -83,7 +84,8 @@ class ConvDoRAGemm(torch.autograd.Function):
             grad_x = F.fold(cols.view(cols.shape[0], batch, -1).transpose(0, 1), tuple(ctx.input_size),
                             weight.shape[2:], ctx.geometry.dilation, ctx.geometry.padding, ctx.geometry.stride)
         if needs[3]:
-            grad_down = (grad_h @ rhs[:, :positions].T + back[:, positions:].T + grad_down_gram).view(down.shape)
+            cols = _cols(x, weight.shape[2:], ctx.geometry, 0)  # X (n, P)
+            grad_down = (grad_h @ cols.T + back[:, positions:].T + grad_down_gram).view(down.shape)
         if needs[4]:
             grad_up = grad_up_norm.addmm_(grad_z, h.T, alpha=scale).view(up.shape)
         if needs[5]:
