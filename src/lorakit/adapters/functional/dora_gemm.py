@@ -36,6 +36,8 @@ def _cols(x: torch.Tensor, kernel: tuple[int, int], geometry: Geometry, extra: i
 
 
 class ConvDoRAGemm(torch.autograd.Function):
+    """The node of the module docstring; the frozen W and b get no gradient, w_sq and the geometry none."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, magnitude, w_sq, scale: float, geometry: Geometry):
         out, rank = weight.shape[0], down.shape[0]
