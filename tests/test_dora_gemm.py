@@ -12,7 +12,7 @@ from lorakit.adapters.functional.layer import LayerSpec
 from lorakit.adapters.modules import lora as lora_module
 from lorakit.adapters.modules.lora import LoRAModule, LoRAOptions
 
-from test_dora import closed_form_weight
+from test_dora import closed_form_weight, perturb
 
 # (in, out, kernel, stride, padding, dilation, input N x H x W, bias)
 GEOMETRIES = {"3x3": (6, 5, 3, 1, 1, 1, (2, 5, 5), True), "3x3_s2": (4, 7, 3, 2, 1, 1, (3, 7, 6), False),
@@ -63,22 +63,13 @@ def big_conv_module(kernel=3, dtype=torch.float64, axis="output", seed=0):
     return module, layer, torch.randn(1, channels, size, size, dtype=dtype)
 
 
-def perturbed(module, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in module.param_names:
-            p = getattr(module, name)
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.2 if name == "magnitude" else 0.3))
-    return module
-
-
 @pytest.mark.parametrize("kernel", [3, 1])
 def test_module_takes_the_gemm_path_and_equals_the_ordinary_bypass(kernel, monkeypatch):
     module, layer, x = big_conv_module(kernel)
     assert module.runs_dora_gemm(x)
     # step 0: the frozen conv as a GEMM, the adapter's share exactly zero
     assert torch.allclose(module(x), layer(x), atol=1e-12)
-    perturbed(module)
+    perturb(module)
     params = [getattr(module, n) for n in module.param_names]
 
     def value_and_grads():
