@@ -375,7 +375,7 @@ def test_inspect_names_the_dora_layout_and_warns_for_the_output_axis(tmp_path):
     assert "A1111" in warning and "ComfyUI" in warning and "‖W‖ instead of ‖W + ΔW‖" in warning
 
 
-@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3, 3)])
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3, 3), (256, 4, 3, 3)])  # 256 rows: blocked weight products
 @pytest.mark.parametrize("axis", F_dora.AXES)
 def test_lowrank_ratio_node_gradients_pass_gradcheck(shape, axis):
     """The one-node ratio m/‖W + s·U D‖ (closed-form backward) against finite differences, float64."""
@@ -390,3 +390,13 @@ def test_lowrank_ratio_node_gradients_pass_gradcheck(shape, axis):
         return F_dora.lowrank_ratio(w_sq, weight, up, down, 0.4, magnitude, axis)
 
     assert torch.autograd.gradcheck(ratio, (up, down, magnitude))
+
+
+def test_blocked_weight_products_equal_the_plain_products():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(384, 50, generator=g, dtype=torch.float64)  # 3 blocks of WEIGHT_ROW_BLOCK rows
+    a, b = torch.randn(3, 384, generator=g, dtype=torch.float64), torch.randn(3, 50, generator=g, dtype=torch.float64)
+    assert torch.allclose(F_dora.times_weight(a, w), a @ w, atol=1e-12)
+    assert torch.allclose(F_dora.weight_times(w, b), w @ b.T, atol=1e-12)
+    odd = w[:300]  # not a whole number of blocks: the plain product
+    assert torch.equal(F_dora.times_weight(a[:, :300], odd), a[:, :300] @ odd)

@@ -155,6 +155,28 @@ def output_axis_sq_grads(c: torch.Tensor, up: torch.Tensor, wd: torch.Tensor, gr
     return grad_up, (2 * scale) * cu, (2 * scale * scale) * (up.T @ cu) @ down
 
 
+# skinny products with a frozen weight W (out, n) at rank r: MKL runs a single (r, out) @ (out, n) far below
+# its GEMM speed on a CPU; as a sum of batched products over blocks of WEIGHT_ROW_BLOCK rows it ran 1.7x faster
+# (1280 x 11520: 4.1 against 7.2 ms; 640 x 5760: 0.8 against 1.35 ms, 2-core AMD EPYC, 2 threads), and
+# (D Wᵀ)ᵀ beat W Dᵀ by 1.2x (4.7 against 5.5 ms).
+WEIGHT_ROW_BLOCK = 128
+
+
+def times_weight(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ w for a (r, out) and a frozen w (out, n): (r, n)."""
+    out = w.shape[0]
+    if w.device.type != "cpu" or out < 2 * WEIGHT_ROW_BLOCK or out % WEIGHT_ROW_BLOCK:
+        return a @ w
+    blocks = out // WEIGHT_ROW_BLOCK
+    return torch.bmm(a.reshape(a.shape[0], blocks, WEIGHT_ROW_BLOCK).transpose(0, 1),
+                     w.view(blocks, WEIGHT_ROW_BLOCK, -1)).sum(0)
+
+
+def weight_times(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """w @ bᵀ for a frozen w (out, n) and b (r, n): (out, r)."""
+    return (b @ w.T).T if w.device.type == "cpu" else w @ b.T
+
+
 class _LowRankRatio(torch.autograd.Function):
     """m / ‖W + s·U D‖ for a frozen W as one autograd node with the closed-form gradients of lowrank_norm_sq.
 
@@ -169,10 +191,10 @@ class _LowRankRatio(torch.autograd.Function):
         out, rank = up.shape[0], down.shape[0]
         u, w, d = up.reshape(out, rank), weight.reshape(out, -1), down.reshape(rank, -1)
         if axis == "output":
-            products = (w @ d.T, d @ d.T)  # W Dᵀ, D Dᵀ
+            products = (weight_times(w, d), d @ d.T)  # W Dᵀ, D Dᵀ
             sq = output_axis_sq(w_sq, u, *products, scale)
         else:
-            products = (u.T @ w, (u.T @ u) @ d)  # Uᵀ W, Uᵀ U D
+            products = (times_weight(u.T, w), (u.T @ u) @ d)  # Uᵀ W, Uᵀ U D
             sq = input_axis_sq(w_sq, *products, d, scale)
         ratio, norm = ratio_from_sq(sq, magnitude)
         ctx.save_for_backward(weight, up, down, sq, norm, ratio, *products)
@@ -187,12 +209,12 @@ class _LowRankRatio(torch.autograd.Function):
         c = sq_grad(grad_ratio, ratio, norm, sq).reshape(-1)
         if ctx.axis == "output":
             grad_up, grad_wd, grad_down = output_axis_sq_grads(c, u, first, second, d, scale)
-            grad_down = grad_down.addmm_(grad_wd.T, w)
+            grad_down = grad_down + times_weight(grad_wd.T, w)
         else:
             per_column = c.repeat_interleave(d.shape[1] // c.numel())  # (n,)
             dc = d * per_column
             grad_down = ((2 * scale) * first + (2 * scale * scale) * second) * per_column
-            grad_up = (2 * scale) * (w @ dc.T) + (2 * scale * scale) * (u @ (dc @ d.T))
+            grad_up = (2 * scale) * weight_times(w, dc) + (2 * scale * scale) * (u @ (dc @ d.T))
         return (None, None, grad_up.view(up.shape), grad_down.view(down.shape), grad_ratio / norm, None, None)
 
 
