@@ -118,3 +118,15 @@ def test_adapter_benchmark_rows_name_the_path_and_leave_out_references_that_skip
         assert cells[4].endswith("(folded)") and float(cells[3]) > 0 and float(cells[8]) > 0
         assert 1.0 < float(cells[10]) < 1.2  # FLOP ratio of the folded path: 2A + 2B over 2F
     assert rows["dora"][5] == "not DoRA"  # lycoris-lora 4.1.3's bypass leaves weight_decompose out
+    for cells in rows.values():  # frozen/best: the frozen layer over the best reference, below ours/best
+        assert 0 < float(cells[12]) < float(cells[8])
+
+
+def test_adapter_benchmark_runs_large_output_axis_dora_convs_at_few_positions_as_one_gemm():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "adapters.py"), "--quick", "--threads", "1",
+           "--shapes", "1280", "--algos", "dora"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| conv3x3 1280")]
+    assert len(rows) == 1 and rows[0][4].endswith("(gemm)")  # batch 1 at 8x8: functional.dora_gemm
