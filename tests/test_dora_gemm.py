@@ -107,3 +107,20 @@ def test_the_path_is_taken_only_where_it_applies():
     layer.weight.requires_grad_(False)
     input_axis, _, x_in = big_conv_module(axis="input")
     assert not input_axis.runs_dora_gemm(x_in)  # the input axis's norm needs Uᵀ W: no shared GEMM
+
+
+def test_gradient_checkpointing_recomputes_the_node_to_the_same_gradients():
+    """torch.utils.checkpoint runs the layer's forward again in backward: the GEMM node gives the same
+    gradients as without checkpointing."""
+    module, layer, x = big_conv_module()
+    perturb(module)
+    params = [getattr(module, n) for n in module.param_names]
+
+    def grads(checkpointed: bool):
+        xx = x.clone().requires_grad_()
+        y = torch.utils.checkpoint.checkpoint(layer, xx, use_reentrant=False) if checkpointed else layer(xx)
+        return torch.autograd.grad(y.square().sum(), [xx, *params])
+
+    assert module.runs_dora_gemm(x)
+    for name, a, b in zip(("x", *module.param_names), grads(True), grads(False)):
+        assert torch.equal(a, b), name
