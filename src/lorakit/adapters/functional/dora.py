@@ -106,9 +106,17 @@ def lowrank_norm_sq(w_sq: torch.Tensor, weight: torch.Tensor, up: torch.Tensor, 
     """
     out, r = up.shape[0], down.shape[0]
     u, w, d = up.reshape(out, r), weight.reshape(out, -1), down.reshape(r, -1)  # (out, r) (out, n) (r, n)
+    return _norm_sq_and_products(w_sq, u, w, d, scale, axis)[0]
+
+
+def _norm_sq_and_products(w_sq, u, w, d, scale: float, axis: str):
+    """(sq, its two r-sized products) for u (out, r), w (out, n), d (r, n): output axis (W Dᵀ, D Dᵀ), input
+    axis (Uᵀ W, Uᵀ U D). The products are what _LowRankRatio's backward needs again."""
     if axis == "output":
-        return output_axis_sq(w_sq, u, w @ d.T, d @ d.T, scale)
-    return input_axis_sq(w_sq, u.T @ w, (u.T @ u) @ d, d, scale)
+        products = (weight_times(w, d), d @ d.T)
+        return output_axis_sq(w_sq, u, *products, scale), products
+    products = (times_weight(u.T, w), (u.T @ u) @ d)
+    return input_axis_sq(w_sq, *products, d, scale), products
 
 
 def output_axis_sq(w_sq: torch.Tensor, up: torch.Tensor, wd: torch.Tensor, gram: torch.Tensor,
@@ -190,12 +198,7 @@ class _LowRankRatio(torch.autograd.Function):
     def forward(ctx, w_sq, weight, up, down, magnitude, scale: float, axis: str):
         out, rank = up.shape[0], down.shape[0]
         u, w, d = up.reshape(out, rank), weight.reshape(out, -1), down.reshape(rank, -1)
-        if axis == "output":
-            products = (weight_times(w, d), d @ d.T)  # W Dᵀ, D Dᵀ
-            sq = output_axis_sq(w_sq, u, *products, scale)
-        else:
-            products = (times_weight(u.T, w), (u.T @ u) @ d)  # Uᵀ W, Uᵀ U D
-            sq = input_axis_sq(w_sq, *products, d, scale)
+        sq, products = _norm_sq_and_products(w_sq, u, w, d, scale, axis)
         ratio, norm = ratio_from_sq(sq, magnitude)
         ctx.save_for_backward(weight, up, down, sq, norm, ratio, *products)
         ctx.scale, ctx.axis = scale, axis
