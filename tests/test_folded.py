@@ -76,6 +76,8 @@ def test_folded_node_matches_the_float64_closed_form(layer_name, variant, monkey
     torch.testing.assert_close(y, expected_y, rtol=1e-10, atol=1e-10)
     for name, a, b in zip(["x", *dict(module.named_parameters())], got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+    for (name, p), a in zip(module.named_parameters(), got[1:]):  # else AccumulateGrad copies it once more
+        assert a.stride() == p.stride(), f"gradient of {name} in another layout than the parameter"
 
 
 @pytest.mark.parametrize("variant", DORA)

@@ -315,6 +315,8 @@ def check_fused_lora_node(node, frozen_op, g, x_shape, weight_shape, out_shape, 
     assert torch.allclose(got, plain, atol=1e-12)
     for a, b_ in zip(grads, expected):
         assert torch.allclose(a, b_, atol=1e-12)
+    for param, grad in ((down, grads[1]), (up, grads[2])):  # else AccumulateGrad copies it once more
+        assert grad.stride() == param.stride()
     return x
 
 
@@ -323,6 +325,25 @@ def test_fused_linear_lora_equals_the_unfused_layer(tokens):
     """The fused Linear node: see check_fused_lora_node."""
     check_fused_lora_node(F_lora.fused_linear, F.linear, torch.Generator().manual_seed(0), (2, tokens, 12),
                           (10, 12), (2, tokens, 10), bias=True)
+
+
+def test_fused_linear_lora_records_one_node_and_returns_no_view():
+    """Over [B, T, in] the node flattens the tokens itself: no view nodes are recorded around it (each costs
+    dispatch and an autograd node per adapter per step), and its output is no view, so a caller may modify it in
+    place (autograd refuses that on a view made inside a custom Function)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    weight, bias = torch.randn(10, 12, dtype=torch.float64, generator=g), torch.randn(10, dtype=torch.float64)
+    down = torch.randn(4, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.randn(10, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = F_lora.fused_linear(x, weight, bias, down, up, 0.7)
+    assert not y._is_view() and type(y.grad_fn).__name__ == "FusedLinearLoRABackward"
+    assert y.grad_fn.next_functions[0][0].variable is x  # straight to x's AccumulateGrad
+    y.mul_(3.0)
+    plain = 3.0 * (F.linear(x, weight, bias) + 0.7 * F.linear(F.linear(x, down), up))
+    torch.testing.assert_close(y, plain)
+    for a, b in zip(torch.autograd.grad(y.sum(), (x, down, up)), torch.autograd.grad(plain.sum(), (x, down, up))):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("batch, with_bias", [(1, True), (3, False)])
@@ -379,3 +400,4 @@ def test_fused_linear_dora_equals_plain_autograd(axis, with_bias):
         assert torch.allclose(got, plain, atol=1e-12)
         for name, a, b in zip(("x", "down", "up", "r"), grads, expected):
             assert torch.allclose(a, b, atol=1e-10), name
+        assert grads[1].stride() == down.stride() and grads[2].stride() == up.stride()

@@ -341,7 +341,7 @@ class FusedLinearDoRA(torch.autograd.Function):
         need_grad_x = needs[0] or (needs[6] and not output_axis)
         if needs[6] and output_axis:  # while grad is in cache: see FoldedLoRA.backward
             grad_r = ratio_grad(grad, x, None, y, bias, r, ctx.axis)
-        grad_h = grad @ (up * scale) if need_grad_x or needs[3] else None  # (T, rank)
+        grad_h = grad @ F_lora.transposed_times(up, scale).T if need_grad_x or needs[3] else None  # (T, rank)
         if need_grad_x:
             grad_x = (grad @ weight).addmm_(grad_h, down)
         if needs[3]:
@@ -349,7 +349,7 @@ class FusedLinearDoRA(torch.autograd.Function):
             if not output_axis:
                 grad_down = grad_down * r
         if needs[4]:
-            grad_up = (h.T @ grad).T * scale
+            grad_up = F_lora.transposed_times(h.T @ grad, scale)
             if output_axis:
                 grad_up = grad_up * r[:, None]
         if needs[6] and not output_axis:

@@ -117,9 +117,9 @@ def _rank_grads(grad, x, down, up, scale, geometry, need_down: bool, need_up: bo
     grad_down = grad_up = None
     if geometry is None:  # x [T, in], grad [T, out]
         if need_down:
-            grad_down = (grad @ (up * scale)).T @ x
+            grad_down = (grad @ F_lora.transposed_times(up, scale).T).T @ x
         if need_up:
-            grad_up = ((x @ down.T).T @ grad).T * scale  # the skinny (r, T) side first
+            grad_up = F_lora.transposed_times((x @ down.T).T @ grad, scale)  # the skinny (r, T) side first
         return grad_down, grad_up
     n = x.shape[0]
     grad = grad.contiguous()
@@ -136,7 +136,7 @@ def _rank_grads(grad, x, down, up, scale, geometry, need_down: bool, need_up: bo
             h = F_lora.per_sample(down.reshape(rank, -1), x.reshape(n, x.shape[1], -1))  # (N, r, HW)
         else:
             h = F.conv2d(x, down, None, geometry.stride, geometry.padding, geometry.dilation).view(n, rank, -1)
-        grad_up = (torch.matmul(h, grad3.transpose(1, 2)).sum(0).T * scale).view_as(up)
+        grad_up = F_lora.transposed_times(torch.matmul(h, grad3.transpose(1, 2)).sum(0), scale).view_as(up)
     return grad_down, grad_up
 
 
