@@ -128,7 +128,10 @@ class FusedLinearLoRA(torch.autograd.Function):
         h = x2 @ down.T  # (T, r)
         y = x.new_empty(*x.shape[:-1], weight.shape[0])  # the output is no view: callers may modify it in place
         y2 = y.view(-1, weight.shape[0])
-        torch.addmm(bias, x2, weight.T, out=y2) if bias is not None else torch.mm(x2, weight.T, out=y2)
+        if bias is not None:
+            torch.addmm(bias, x2, weight.T, out=y2)
+        else:
+            torch.mm(x2, weight.T, out=y2)
         y2.addmm_(h, up.T, alpha=scale)  # (T, out), accumulated in place
         ctx.save_for_backward(x2, weight, down, up, h)
         ctx.scale, ctx.lead = scale, x.shape[:-1]
