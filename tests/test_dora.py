@@ -400,3 +400,12 @@ def test_blocked_weight_products_equal_the_plain_products():
     assert torch.allclose(F_dora.weight_times(w, b), w @ b.T, atol=1e-12)
     odd = w[:300]  # not a whole number of blocks: the plain product
     assert torch.equal(F_dora.times_weight(a[:, :300], odd), a[:, :300] @ odd)
+
+
+@pytest.mark.parametrize("shape", [(50, 6), (256, 6), (300, 6), (1000, 9), (2, 5, 3, 4), (1, 6, 2, 2)])
+def test_channel_sum_is_the_sum_over_every_dim_but_the_channel(shape):
+    """The ratio gradient's reduction in blocks of rows (see REDUCE_ROW_BLOCK): below two blocks, a whole number of
+    blocks, blocks plus leftover rows, and NCHW maps all give the plain sum."""
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    plain = t.sum(0) if t.dim() == 2 else t.sum((0, 2, 3))
+    torch.testing.assert_close(F_dora.channel_sum(t), plain, rtol=1e-12, atol=1e-12)
