@@ -387,7 +387,7 @@ def channel_sum(t: torch.Tensor) -> torch.Tensor:
     if rows < 2 * block:
         return t.sum(0)
     whole = rows - rows % block
-    total = t[:whole].view(-1, block, t.shape[1]).sum(1).sum(0)
+    total = t[:whole].reshape(-1, block, t.shape[1]).sum(1).sum(0)  # reshape: a gradient may come transposed
     return total if whole == rows else total + t[whole:].sum(0)
 
 
