@@ -15,6 +15,7 @@ LAYERS = {
     "linear": (lambda: nn.Linear(12, 20), (2, 5, 12)),
     "linear_nobias": (lambda: nn.Linear(12, 20, bias=False), (5, 12)),
     "conv1x1": (lambda: nn.Conv2d(12, 20, 1), (2, 12, 6, 5)),
+    "conv1x1_batch1": (lambda: nn.Conv2d(12, 20, 1), (1, 12, 6, 5)),  # the rank products take plain GEMMs
     "conv3x3_s1": (lambda: nn.Conv2d(12, 20, 3, padding=1), (2, 12, 6, 5)),
     "conv3x3_s2": (lambda: nn.Conv2d(12, 20, 3, stride=2, padding=1, bias=False), (2, 12, 7, 6)),
     "conv3x3_dil": (lambda: nn.Conv2d(12, 20, 3, padding=2, dilation=2), (1, 12, 8, 8)),

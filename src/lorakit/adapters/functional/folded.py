@@ -128,7 +128,7 @@ def _rank_grads(grad, x, down, up, scale, geometry, need_down: bool, need_up: bo
     if need_down:
         a = F_lora.per_sample(up.reshape(out, rank).T * scale, grad3)  # (N, r, H'W')
         if pointwise:  # oneDNN's rank-r 1x1 convs run far below GEMM speed: batched GEMMs instead
-            grad_down = torch.matmul(a, x.reshape(n, x.shape[1], -1).transpose(1, 2)).sum(0).view_as(down)
+            grad_down = F_lora.down_grad(a, x.reshape(n, x.shape[1], -1)).view_as(down)
         else:
             grad_down = _conv_grads(a.view(n, rank, *grad.shape[2:]), x, down, geometry, False, True)[1]
     if need_up:
@@ -136,7 +136,7 @@ def _rank_grads(grad, x, down, up, scale, geometry, need_down: bool, need_up: bo
             h = F_lora.per_sample(down.reshape(rank, -1), x.reshape(n, x.shape[1], -1))  # (N, r, HW)
         else:
             h = F.conv2d(x, down, None, geometry.stride, geometry.padding, geometry.dilation).view(n, rank, -1)
-        grad_up = F_lora.transposed_times(torch.matmul(h, grad3.transpose(1, 2)).sum(0), scale).view_as(up)
+        grad_up = F_lora.up_grad(h, grad3, scale).view_as(up)
     return grad_down, grad_up
 
 

@@ -177,6 +177,26 @@ def per_sample(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight.expand(t.shape[0], -1, -1), t)
 
 
+def down_grad(grad_h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ_n grad_h[n] @ x[n]ᵀ, (r, C), for grad_h (N, r, L) and x (N, C, L): a 1x1 `down`'s gradient.
+    One sample takes a plain GEMM: the batched product with its transposed operand and sum over N ran 10-60%
+    slower at every SD1.5 1x1 shape at batch 1 (2-core AMD EPYC, fp32: 1280 ch at 8x8 37 -> 23 µs, 640 -> 320 at
+    64x64 787 -> 738 µs); at N > 1 the batched product stays (one GEMM per sample, no copy of x)."""
+    if x.shape[0] == 1:
+        return grad_h[0] @ x[0].T
+    return torch.matmul(grad_h, x.transpose(1, 2)).sum(0)
+
+
+def up_grad(h: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · Σ_n grad[n] @ h[n]ᵀ, (out, r) contiguous, for h (N, r, L) and grad (N, out, L): a 1x1 `up`'s
+    gradient. One sample: grad @ hᵀ comes out in the parameter's layout, 25-50% faster than the skinny-first
+    product and its transposed copy (1280 ch at 8x8 57 -> 30 µs, 320 at 64x64 421 -> 297 µs); at N > 1 the
+    skinny (r, L) side goes first (2-3x faster there), then one transposed copy of the small result."""
+    if h.shape[0] == 1:
+        return torch.mm(grad[0], h[0].T).mul_(scale)
+    return transposed_times(torch.matmul(h, grad.transpose(1, 2)).sum(0), scale)
+
+
 class FusedConv1x1LoRA(torch.autograd.Function):
     """y = conv1x1(x, W, b) + scale · U (D x) at every pixel, for a frozen 1x1 conv over NCHW, in one node.
 
@@ -213,9 +233,9 @@ class FusedConv1x1LoRA(torch.autograd.Function):
                     False, [0, 0], 1, [True, False, False])[0].contiguous()
                 grad_x.view(n, c, -1).baddbmm_(down.T.expand(n, -1, -1), grad_h)
             if ctx.needs_input_grad[3]:
-                grad_down = torch.matmul(grad_h, x.view(n, c, -1).transpose(1, 2)).sum(0)  # (r, C)
+                grad_down = down_grad(grad_h, x.view(n, c, -1))  # (r, C)
         if ctx.needs_input_grad[4]:
-            grad_up = transposed_times(torch.matmul(h, grad3.transpose(1, 2)).sum(0), ctx.scale)  # skinny side first
+            grad_up = up_grad(h, grad3, ctx.scale)  # (out, r)
         return grad_x, None, None, grad_down, grad_up, None
 
 
