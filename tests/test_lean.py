@@ -37,16 +37,17 @@ def test_geglu_product_gives_the_plain_expressions_gradients(dtype):
         assert torch.autograd.gradcheck(lambda p: lean.GEGLUProduct.apply(p, "none"), (proj,))
 
 
-def saved_bytes(step, params: set) -> tuple[int, int]:
-    """(bytes of activations autograd keeps, recipes) during step(); lean's own hooks, when active, are the
-    innermost ones, so its _pack is counted through."""
-    seen, recipes = {}, [0]
+def saved_bytes(step, params: set) -> tuple[int, int, int]:
+    """(bytes of activations autograd keeps, recipes, bytes of the storages saved as recipes) during step();
+    lean's own hooks, when active, are the innermost ones, so its _pack is counted through."""
+    seen, recipes, recipe_bytes = {}, [0], {}
     real_pack = lean._pack
 
     def counted(t):
         packed = real_pack(t)
         if isinstance(packed, lean._Recipe):
             recipes[0] += 1
+            recipe_bytes[id(packed.entry)] = t.untyped_storage().nbytes()
         elif t.untyped_storage().data_ptr() not in params:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return packed
@@ -57,7 +58,7 @@ def saved_bytes(step, params: set) -> tuple[int, int]:
             step()
     finally:
         lean._pack = real_pack
-    return sum(seen.values()), recipes[0]
+    return sum(seen.values()), recipes[0], sum(recipe_bytes.values())
 
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
@@ -84,12 +85,14 @@ def test_recompute_gives_the_same_outputs_and_gradients_and_keeps_less(tiny_sd1,
         net.zero_grad(set_to_none=True)
         return out["y"].detach(), grads, kept
 
-    plain_y, plain_grads, (plain_kept, _) = run(contextlib.nullcontext)
+    plain_y, plain_grads, (plain_kept, _, _) = run(contextlib.nullcontext)
     counts = lean.make_lean(unet)
     blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and counts == {"geglu": len(blocks), "layernorm": 3 * len(blocks)}
-    geglu_y, geglu_grads, (geglu_kept, _) = run(contextlib.nullcontext)
-    lean_y, lean_grads, (lean_kept, recipes) = run(lean.recompute_cheap_inputs)
+    geglu_y, geglu_grads, (geglu_kept, _, _) = run(contextlib.nullcontext)
+    stats = {}
+    lean_y, lean_grads, (lean_kept, recipes, recipe_bytes) = run(lambda: lean.recompute_cheap_inputs(stats))
+    assert stats["bytes"] == recipe_bytes > 0  # what Recompute weighs against the peak
     assert torch.equal(plain_y, geglu_y) and torch.equal(plain_y, lean_y)
     assert all(torch.equal(a, b) for a, b in zip(plain_grads, geglu_grads))
     assert all(torch.equal(a, b) for a, b in zip(plain_grads, lean_grads))
@@ -160,3 +163,33 @@ def test_a_norm_output_saved_for_several_adapters_is_rebuilt_once_and_gelu_once(
     loss.backward()
     assert norm_calls[0] == 3 * len(blocks)  # not 5: to_q, to_k, to_v share norm1's
     assert gelu_calls[0] == len(blocks)  # not 2 a block
+
+
+def test_recompute_stays_on_only_where_it_keeps_enough_out_of_the_peak():
+    """Recompute measures the first training forward at each new largest input size: it turns off (and says so)
+    where what it keeps out of the graph is under RECOMPUTE_MIN_PEAK_SHARE of the peak, stays on where it is
+    more or the peak is unknown, measures again at a larger size, and never measures a no_grad forward."""
+    model = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))  # the Linear keeps the norm's output
+    lean.make_lean(model)
+    told = []
+
+    def forward(policy, tokens):
+        with policy.context(tokens * 16):  # the forward only, as in the trainer
+            active = lean._ACTIVE[0]
+            loss = model(torch.randn(tokens, 16)).sum()
+        loss.backward()
+        return active
+
+    kept = 8 * 16 * 4  # bytes of the norm's float32 output at 8 tokens
+    share = lean.RECOMPUTE_MIN_PEAK_SHARE
+    for peak, stays_on in [(None, True), (int(kept / share), True), (int(kept / share) + 64, False)]:
+        told.clear()
+        policy = lean.Recompute(lambda: peak, told.extend)
+        with torch.no_grad(), policy.context(8 * 16):
+            model(torch.randn(8, 16))
+        assert policy.measured_size == 0 and policy.on
+        assert forward(policy, 8) and policy.on == stays_on  # the measured forward itself runs with it
+        assert forward(policy, 8) == stays_on and forward(policy, 4) == stays_on
+        assert len(told) == (0 if stays_on else 1) and all("recompute off" in line for line in told)
+    assert forward(policy, 16) and policy.on and len(told) == 1  # a larger size, measured again: enough there
+    assert forward(policy, 8) and forward(policy, 16)

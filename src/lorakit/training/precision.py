@@ -206,6 +206,23 @@ def return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+def peak_memory(device: torch.device) -> int | None:
+    """The process's peak memory so far, in bytes: the peak allocation on a GPU, peak RSS on the CPU (Linux,
+    macOS); None where it cannot be read (Windows, other devices)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:
+        return None
+    if device.type != "cpu":
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
 
 

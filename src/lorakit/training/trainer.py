@@ -27,7 +27,7 @@ from lorakit.formats.atomic import remove_stale_temp_files
 from lorakit.models import noise as nz
 from lorakit.models import objectives as obj
 from lorakit.models.checkpoint import BaseModel
-from lorakit.models.lean import make_lean, recompute_cheap_inputs
+from lorakit.models.lean import Recompute, make_lean
 from lorakit.surgery.network import LoraNetwork
 from lorakit.formats.start import start_network
 from lorakit.training.captions import CaptionClock, process_caption
@@ -39,7 +39,8 @@ from lorakit.training.optim import apply_max_norm, make_optimizer, make_schedule
 from lorakit.training.outputs import (StopRequest, TrainingInterrupted, TrainingStopped, epoch_file_stem, removed_epoch,
                                       removed_step, save_lora, step_file_stem)
 from lorakit.training.precision import (apply_release, cast_adapters, choose, cpu_half_note, deterministic_captions,
-                                        keep_large_buffers, make_scaler, release_plan, return_freed_memory, to_fp8)
+                                        keep_large_buffers, make_scaler, peak_memory, release_plan, return_freed_memory,
+                                        to_fp8)
 from lorakit.training.prepare import prepare_base, preflight, with_native_resolution
 from lorakit.training.sampling import render_samples
 from lorakit.training.state import Progress, load_state, save_state
@@ -152,6 +153,7 @@ class Trainer:
         cast_adapters(self.network, self.precision.adapters)  # fp32 masters unless full_bf16/full_fp16
         self.scaler = make_scaler(config, self.device)  # fp16 only
         self.step_unet = self.unet  # torch_compile: the compiled U-Net, for training steps only
+        self.recompute = Recompute(lambda: peak_memory(self.device), self.tell)  # see models/lean.py
         self.offloaded: list = []  # VAE/text encoders moved to the CPU after caching (sampling moves them in)
         self.train_text = any(i.component != "unet" for i in self.network.info.values()) and \
             (config.text_encoder_lr is None or config.text_encoder_lr > 0)
@@ -213,7 +215,7 @@ class Trainer:
         size = (latents.shape[-2] * 8, latents.shape[-1] * 8)  # pixels: the VAE downsamples 8x
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             context, extra = self.context(captions, size)
-            lean = recompute_cheap_inputs() if self.step_unet is self.unet else contextlib.nullcontext()
+            lean = self.recompute.context(noisy.numel()) if self.step_unet is self.unet else contextlib.nullcontext()
             with lean:  # not under torch.compile, which traces no saved-tensor hooks
                 pred = self.step_unet(noisy, t, context, added_cond_kwargs=extra).sample
         target = obj.target(latents, noise, schedule, t, v_pred)
