@@ -82,7 +82,7 @@ def test_folded_node_matches_the_float64_closed_form(layer_name, variant, monkey
 
 
 @pytest.mark.parametrize("variant", DORA)
-@pytest.mark.parametrize("layer_name", ["linear", "conv1x1", "conv3x3_s1", "conv3x3_s2"])
+@pytest.mark.parametrize("layer_name", ["linear", "conv1x1", "conv1x1_batch1", "conv3x3_s1", "conv3x3_s2"])
 def test_folded_step_zero_is_the_frozen_layer_bit_for_bit(layer_name, variant, monkeypatch):
     monkeypatch.setattr(lora_module, "FOLD_ACTIVATIONS_PER_WEIGHT", {"gemm": 0.0, "kxk": 0.0})
     layer, module, x = build(layer_name, variant, torch.float32)
