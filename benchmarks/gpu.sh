@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu.sh            # CUDA: SD1.5 512 px and SDXL 1024 px, about 6-8 minutes
 #   bash benchmarks/gpu.sh --tiny     # CPU, tiny models: the same code, CUDA-only rows skipped with the reason
+#   bash benchmarks/gpu.sh --only torch_compile [--models sd1]   # some settings/models: a second call for the
+#                                     # rows a first call's --budget cut
 #   bash benchmarks/gpu.sh --profile [--tiny]   # benchmarks/gpu_profile.py: adapted against bare U-Net, top ops
 #
 # Dependencies, without `make venv` (which needs PyPI and installs a CPU torch): a python whose torch sees the

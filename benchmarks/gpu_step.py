@@ -1,6 +1,7 @@
 """GPU training-step speed and VRAM through the trainer's own step: SD1.5 at 512 px and SDXL at 1024 px.
 
-    bash benchmarks/gpu.sh [--tiny] [--steps 10] [--budget 420]     (sets up the dependencies, then runs this)
+    bash benchmarks/gpu.sh [--tiny] [--steps 10] [--budget 420] [--only torch_compile] [--models sd1,sdxl]
+    (sets up the dependencies, then runs this)
 
 Random-weight models built on the GPU (benchmarks/train_step.py's builder), a one-image dataset, batch 1,
 LoCon 8/4 conv 8/4, U-Net only, `lorakit.training.trainer.Trainer`: it/s (1 / median step after the warm-up)
@@ -123,7 +124,16 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget", type=float, default=420, help="seconds; later rows are skipped past it")
+    parser.add_argument("--only", default="", help="comma-separated; only the settings whose label contains one, "
+                        "e.g. torch_compile (a second call for rows the first one's budget cut)")
+    parser.add_argument("--models", default=",".join(f for f, _ in MODELS), help="comma-separated: sd1, sdxl")
     args = parser.parse_args(argv)
+    models = [(f, res) for f, res in MODELS if f in args.models.split(",")]
+    rows = [row for row in ROWS if not args.only or any(k.strip() in row.label for k in args.only.split(","))]
+    if not models or not rows:
+        print(f"nothing selected: --models from {[f for f, _ in MODELS]}, --only from {[r.label for r in ROWS]}",
+              file=sys.stderr)
+        return 2
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
     if not cuda and not args.tiny:
@@ -136,7 +146,7 @@ def main(argv=None) -> int:
     # torch_compile rows last, after both models' other rows: compiling a U-Net takes minutes, and past
     # --budget the rows left are skipped, so the budget cuts compile rows rather than SDXL's plain ones; among
     # them, those with gradient checkpointing last
-    plan = sorted(((family, row) for family, _ in MODELS for row in ROWS),
+    plan = sorted(((family, row) for family, _ in models for row in rows),
                   key=lambda p: (p[1].compile, p[1].compile and p[1].checkpointing))
     for family, row in plan:
         res = 64 if args.tiny else dict(MODELS)[family]
@@ -152,11 +162,11 @@ def main(argv=None) -> int:
         results[family, row] = cell(row, r)
         failures += "DOES NOT FALL" in results[family, row]
         log(f"{family} {res}: {results[family, row]}")  # kept even if the run is cut before the tables
-    for family, res in MODELS:
+    for family, res in models:
         res = 64 if args.tiny else res
         print(f"## {family} {res} px\n\n| setting | it/s | first step s | peak VRAM GiB | CUDA-only path check |\n"
               "|---|---|---|---|---|")
-        print("\n".join(results[family, row] for row in ROWS) + "\n")
+        print("\n".join(results[family, row] for row in rows) + "\n")
     print(f"total {time.perf_counter() - start:.0f} s; peak RSS {peak_rss() / GIB:.2f} GiB")
     return 1 if failures else 0
 

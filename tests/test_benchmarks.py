@@ -83,6 +83,22 @@ def test_gpu_script_tiny_runs_every_row_on_the_cpu_and_says_why_cuda_rows_are_sk
         assert "skipped:" in rows["fp16, AdamW"]
 
 
+def test_gpu_script_runs_only_the_selected_settings_and_models():
+    """--only/--models: a second call for the rows a first call's budget cut (torch_compile on the H200). The
+    two settings chosen here are CUDA-only, so the CPU check selects without training anything."""
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny", "--steps", "1", "--warmup", "1",
+           "--only", "reduce-overhead,fp16", "--models", "sd1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "## sdxl" not in proc.stdout
+    table = proc.stdout.split("## sd1 64 px")[1].split("\n\n")[1]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"fp16, AdamW", "bf16, AdamW, torch_compile reduce-overhead"}
+    assert all("CUDA only" in line and "skipped" in line for line in rows.values())
+    bad = subprocess.run(cmd[:-4] + ["--only", "no such setting"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "nothing selected" in bad.stderr
+
+
 def test_gpu_profile_tiny_times_the_adapted_and_bare_unet_and_lists_ops():
     cmd = ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--profile", "--tiny", "--models", "sd1", "--rows", "5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
