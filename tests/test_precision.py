@@ -1,6 +1,7 @@
 """Training precision: the frozen model held in the training dtype with fp32 adapter masters, fp16 loss scaling,
 the VAE and text encoders released once cached, and a bit-identical bf16 resume."""
 import gc
+import os
 import platform
 import weakref
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from lorakit.formats.safetensors_io import read_safetensors
 from lorakit.training.config import ConfigError
 from lorakit.training.data import LatentCache
-from lorakit.training.precision import return_freed_memory
+from lorakit.training.precision import peak_memory, return_freed_memory
 from lorakit.training.trainer import Trainer, TrainingInterrupted
 
 from conftest import train_config
@@ -229,3 +230,15 @@ def test_half_precision_on_a_cpu_without_native_bf16_is_said_before_training(tin
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     Trainer(train_config(tiny_folder, images, tmp_path, mixed_precision="bf16"))
     assert "native bf16" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc")
+def test_peak_memory_is_the_process_peak_rss_on_the_cpu():
+    """What Recompute (models/lean.py) weighs its savings against: never below the RSS now, and it holds a
+    buffer touched and freed before it was read; None on a device it cannot read."""
+    rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    block = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, written
+    del block
+    peak = peak_memory(torch.device("cpu"))
+    assert peak >= rss and peak >= 64 * 2 ** 20
+    assert peak_memory(torch.device("meta")) is None

@@ -211,14 +211,14 @@ def peak_memory(device: torch.device) -> int | None:
     macOS); None where it cannot be read (Windows, other devices)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        import resource
-    except ImportError:
-        return None
     if device.type != "cpu":
         return None
     import sys
 
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak if sys.platform == "darwin" else peak * 1024
 
