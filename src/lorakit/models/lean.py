@@ -113,9 +113,10 @@ def recompute_cheap_inputs(stats: dict | None = None):
 # Recompute.context(): the least share of the run's peak memory the recompute must keep out of the graph to stay
 # on. It costs time: 1.0-1.7% of a step of the SD1.5 U-Net at 256 px fp32 (2-core AMD EPYC, in-process rotation,
 # 28-47 ms of 2.7-3.0 s; benchmarks/train_step.py 2.94-2.95 s against 2.99-3.02 s without and with it). What it
-# keeps out, against each run's peak RSS: SD1.5 fp32 1.7% at 256 px (no lower peak: 4.57 GiB either way), 5.4% at
-# 512 px; SDXL 512 px bf16 7% (1708 -> 1158 MiB of saved activations). Memory is worth the time where it can
-# save about twice the share the time costs.
+# keeps out, against the peak RSS when the first forward ends (benchmarks/train_step.py, 2026-12-05): SD1.5 fp32
+# 77 MiB of 4.56 GiB at 256 px (1.7%; the run's peak is 4.56-4.57 GiB either way), 308 MiB of 5.49 GiB at 512 px
+# (5.5%; peak 5.70 against 5.80 GiB without); SDXL 512 px bf16 350 MiB of 7.29 GiB (4.7%; 7.60 against 7.76 GiB).
+# Memory is worth the time where it can save about twice the share the time costs.
 RECOMPUTE_MIN_PEAK_SHARE = 1 / 32
 
 
