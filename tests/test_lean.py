@@ -193,3 +193,6 @@ def test_recompute_stays_on_only_where_it_keeps_enough_out_of_the_peak():
         assert len(told) == (0 if stays_on else 1) and all("recompute off" in line for line in told)
     assert forward(policy, 16) and policy.on and len(told) == 1  # a larger size, measured again: enough there
     assert forward(policy, 8) and forward(policy, 16)
+    with policy.context(64 * 16, hooks=False):  # a compiled U-Net: never with hooks, nothing measured
+        assert not lean._ACTIVE[0]
+    assert policy.measured_size == 16 * 16

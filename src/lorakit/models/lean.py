@@ -130,9 +130,10 @@ class Recompute:
         self.peak_bytes, self.tell = peak_bytes, tell
         self.measured_size, self.on = 0, True
 
-    def context(self, size: int):
-        """The context for one forward over an input of `size` elements."""
-        if not torch.is_grad_enabled():  # nothing is saved: nothing to measure
+    def context(self, size: int, hooks: bool = True):
+        """The context for one forward over an input of `size` elements; hooks False (a torch.compile'd model,
+        which traces no saved-tensor hooks) runs it without."""
+        if not hooks or not torch.is_grad_enabled():  # nothing is saved: nothing to measure
             return contextlib.nullcontext()
         if size > self.measured_size:
             return self._measure(size)

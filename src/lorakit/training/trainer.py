@@ -10,7 +10,6 @@ save the state and the current LoRA, then stop.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import random
 import sys
@@ -215,8 +214,7 @@ class Trainer:
         size = (latents.shape[-2] * 8, latents.shape[-1] * 8)  # pixels: the VAE downsamples 8x
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             context, extra = self.context(captions, size)
-            lean = self.recompute.context(noisy.numel()) if self.step_unet is self.unet else contextlib.nullcontext()
-            with lean:  # not under torch.compile, which traces no saved-tensor hooks
+            with self.recompute.context(noisy.numel(), self.step_unet is self.unet):  # compiled: traces no hooks
                 pred = self.step_unet(noisy, t, context, added_cond_kwargs=extra).sample
         target = obj.target(latents, noise, schedule, t, v_pred)
         return per_sample_loss(cfg, pred, target, t, schedule, self.alphas_cumprod, v_pred, weights, masks).mean()
