@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lorakit.adapters.functional import split
 from lorakit.adapters.functional.layer import LayerSpec, draw_device
 
 
@@ -173,7 +174,10 @@ def transposed_times(t: torch.Tensor, scale: float) -> torch.Tensor:
 def per_sample(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """weight (r, C) @ t[n] (C, L) for every sample n of t (N, C, L), as one bmm with the weight expanded.
     torch.matmul folds a 2-D @ 3-D product into one GEMM over a transposed copy of t when N > 1: for a 4x640
-    channels x 64x64 map that copy took 29 ms of a 100 ms forward + backward, three times the GEMMs."""
+    channels x 64x64 map that copy took 29 ms of a 100 ms forward + backward, three times the GEMMs. One sample
+    is split along its positions instead (split.rank_times)."""
+    if t.shape[0] == 1:
+        return split.rank_times(weight, t[0]).unsqueeze(0)
     return torch.bmm(weight.expand(t.shape[0], -1, -1), t)
 
 
@@ -181,9 +185,10 @@ def down_grad(grad_h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Σ_n grad_h[n] @ x[n]ᵀ, (r, C), for grad_h (N, r, L) and x (N, C, L): a 1x1 `down`'s gradient.
     One sample takes a plain GEMM: the batched product with its transposed operand and sum over N ran 10-60%
     slower at every SD1.5 1x1 shape at batch 1 (2-core AMD EPYC, fp32: 1280 ch at 8x8 37 -> 23 µs, 640 -> 320 at
-    64x64 787 -> 738 µs); at N > 1 the batched product stays (one GEMM per sample, no copy of x)."""
+    64x64 787 -> 738 µs), split along the positions (split.times_positions); at N > 1 the batched product stays
+    (one GEMM per sample, no copy of x)."""
     if x.shape[0] == 1:
-        return grad_h[0] @ x[0].T
+        return split.times_positions(grad_h[0], x[0])
     return torch.matmul(grad_h, x.transpose(1, 2)).sum(0)
 
 
