@@ -183,10 +183,10 @@ def per_sample(weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def down_grad(grad_h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Σ_n grad_h[n] @ x[n]ᵀ, (r, C), for grad_h (N, r, L) and x (N, C, L): a 1x1 `down`'s gradient.
-    One sample takes a plain GEMM: the batched product with its transposed operand and sum over N ran 10-60%
-    slower at every SD1.5 1x1 shape at batch 1 (2-core AMD EPYC, fp32: 1280 ch at 8x8 37 -> 23 µs, 640 -> 320 at
-    64x64 787 -> 738 µs), split along the positions (split.times_positions); at N > 1 the batched product stays
-    (one GEMM per sample, no copy of x)."""
+    One sample skips the batched form (its transposed operand and sum over N ran 10-60% slower at every SD1.5
+    1x1 shape at batch 1, 2-core AMD EPYC, fp32: 1280 ch at 8x8 37 -> 23 µs, 640 -> 320 at 64x64 787 -> 738 µs)
+    and is split along its positions where they are many (split.times_positions); at N > 1 the batched product
+    stays (one GEMM per sample, no copy of x)."""
     if x.shape[0] == 1:
         return split.times_positions(grad_h[0], x[0])
     return torch.matmul(grad_h, x.transpose(1, 2)).sum(0)
