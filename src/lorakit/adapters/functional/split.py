@@ -25,7 +25,10 @@ MIN_BLOCK = 128
 def blocks(length: int, *tensors: torch.Tensor) -> int:
     """How many blocks a product over `length` positions splits into: one per thread, for contiguous CPU
     tensors (the blocks are views), where each block gets at least MIN_BLOCK positions and they divide evenly;
-    otherwise 1 (no split)."""
+    otherwise 1 (no split). Under torch.compile also 1: the compiler schedules the product itself, and reading
+    the thread count would break its graph."""
+    if torch.compiler.is_compiling():
+        return 1
     threads = torch.get_num_threads()
     if (threads < 2 or length < threads * MIN_BLOCK or length % threads
             or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)):
