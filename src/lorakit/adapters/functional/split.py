@@ -54,4 +54,3 @@ def times_positions(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return a @ t.T
     part = length // n
     return torch.bmm(a.view(a.shape[0], n, part).transpose(0, 1), t.view(channels, n, part).permute(1, 2, 0)).sum(0)
-
