@@ -124,3 +124,36 @@ def test_gradient_checkpointing_recomputes_the_node_to_the_same_gradients():
     assert module.runs_dora_gemm(x)
     for name, a, b in zip(("x", *module.param_names), grads(True), grads(False)):
         assert torch.equal(a, b), name
+
+
+def test_float32_node_with_many_columns_runs_onednn_and_matches_float64(monkeypatch):
+    """From ONEDNN_MIN_COLUMNS columns (positions + rank) W's two products run as oneDNN 1x1 convs in float32:
+    value and gradients still match the float64 node."""
+    g = torch.Generator().manual_seed(1)
+    cin, cout, rank, batch, size = 6, 5, 8, 2, 5  # 2 x 5 x 5 positions + 8 = 58 columns
+    assert batch * size * size + rank >= F_dora_gemm.ONEDNN_MIN_COLUMNS
+    weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    params = [torch.randn(batch, cin, size, size, generator=g, dtype=torch.float64),
+              torch.randn(rank, cin, 3, 3, generator=g, dtype=torch.float64) * 0.3,
+              torch.randn(cout, rank, 1, 1, generator=g, dtype=torch.float64) * 0.3,
+              F_dora.weight_norm(weight, "output") * 1.2]
+    grad_out = torch.randn(batch, cout, size, size, generator=g, dtype=torch.float64)
+    calls = []
+    for name in ("conv2d", "conv_transpose2d"):
+        original = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+
+    def run(dtype):
+        inputs = [p.to(dtype).requires_grad_() for p in params]
+        w = weight.to(dtype)
+        y = F_dora_gemm.conv_dora_gemm(inputs[0], w, bias.to(dtype), *inputs[1:], F_dora.weight_sq(w, "output"),
+                                       0.7, Geometry((1, 1), (1, 1), (1, 1)))
+        return [y, *torch.autograd.grad(y, inputs, grad_out.to(dtype))]
+
+    want = run(torch.float64)
+    assert calls == []  # float64 stays on the GEMM
+    got = run(torch.float32)
+    assert calls == ["conv2d", "conv_transpose2d"]
+    for a, b, what in zip(got, want, ("y", "x", "down", "up", "magnitude")):
+        assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item()), what
