@@ -146,3 +146,19 @@ def test_adapter_benchmark_runs_large_output_axis_dora_convs_at_few_positions_as
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
             if line.startswith("| conv3x3 1280")]
     assert len(rows) == 1 and rows[0][4].endswith("(gemm)")  # batch 1 at 8x8: functional.dora_gemm
+
+
+def test_unet_layers_benchmark_covers_every_adapter_once_and_sorts_by_extra():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "unet_layers.py"), "--tiny", "--rounds", "1", "--reps", "1",
+           "--threads", "1", "--top", "1000"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    adapters, shapes = map(int, re.search(r"(\d+) adapters in (\d+) shapes", proc.stdout).groups())
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| linear") or line.startswith("| conv")]
+    assert len(rows) == shapes and sum(int(r[4]) for r in rows) == adapters  # every adapted layer, once
+    assert {r[10] for r in rows} <= {"bypass", "merged", "fused", "folded", "gemm"}
+    extras = [float(r[7]) for r in rows]
+    assert extras == sorted(extras, reverse=True)
+    total = float(re.search(r"extra (-?\d+) ms", proc.stdout).group(1))
+    assert abs(sum(extras) - total) <= 1 + 0.05 * len(rows)  # the header's sum is the rows' (each rounded)
