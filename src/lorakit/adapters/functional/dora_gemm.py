@@ -13,7 +13,7 @@ columns). So the conv runs as an im2col GEMM here, with those products as extra 
               [∂X₀ | ∂(W Dᵀ)ᵀ W] = Wᵀ [∂Z | 2s c ⊙ U]     ∂x = fold(∂X₀ + s Dᵀ Uᵀ ∂Z)
 
 The two products with W run as MKL GEMMs, or from ONEDNN_MIN_COLUMNS columns on in float32 as oneDNN 1x1 convs
-(faster there: see weight_times). Either way the frozen conv's result is not the conv kernel's own, so on this
+(faster there: see ONEDNN_MIN_COLUMNS). Either way the frozen conv's result is not the conv kernel's own, so on this
 path the output equals the frozen layer's to float rounding, not bit for bit (the adapter's share at step
 0, U = 0 and r = 1, is still exactly zero). x [N, in, H, W], W [out, in, kh, kw] frozen, b [out] | None
 frozen, D [r, in, kh, kw], U [out, r, 1, 1], m [out, 1, 1, 1], w_sq = ‖W‖² per row [out, 1, 1, 1].
@@ -28,10 +28,11 @@ from lorakit.adapters.functional.folded import Geometry
 
 
 # Columns from which W's products run in oneDNN (a 1x1 conv over the columns as an (n, P, 1) image) rather
-# than MKL's GEMM, float32 on the CPU. On a 2-core AMD EPYC with AVX-512, where MKL runs AVX2 code, forward /
-# backward at 1280 x 11520 (ms, MKL against oneDNN): 24 columns 7.2 / 6.4 and 7.7 / 10.6, 40 columns 9.1 / 6.7
-# and 9.8 / 8.7, 72 columns 13.9 / 8.9 and 14.4 / 11.3, 136 columns 23.6 / 13.8 and 24.2 / 17.6; the same
-# from 40 columns at 640 x 5760 and 1280 x 23040 (docs/benchmarks.md, "DoRA's one-GEMM path in oneDNN").
+# than MKL's GEMM, float32 on the CPU. Measured on a 2-core AMD EPYC with AVX-512, where MKL's GEMM ran as fast
+# with AVX2 only (it leaves AVX-512 unused there; oneDNN does not). Forward / backward at 1280 x 11520 (ms, MKL
+# against oneDNN): 24 columns 7.2 / 6.4 and 7.7 / 10.6, 40 columns 9.1 / 6.7 and 9.8 / 8.7, 72 columns
+# 13.9 / 8.9 and 14.4 / 11.3, 136 columns 23.6 / 13.8 and 24.2 / 17.6; the same from 40 columns at 640 x 5760
+# and 1280 x 23040 (docs/benchmarks.md, "DoRA's one-GEMM path in oneDNN").
 ONEDNN_MIN_COLUMNS = 32
 
 
@@ -39,7 +40,7 @@ def _in_onednn(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.shape[1] >= ONEDNN_MIN_COLUMNS
 
 
-def weight_times(w: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+def frozen_product(w: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """w (out, n) @ rhs (n, P), contiguous (rhs contiguous too)."""
     if not _in_onednn(rhs):
         return w @ rhs
@@ -47,7 +48,7 @@ def weight_times(w: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return F.conv2d(rhs.view(1, n, -1, 1), w.view(out, n, 1, 1)).view(out, -1)
 
 
-def weight_t_times(w: torch.Tensor, lhs: torch.Tensor) -> torch.Tensor:
+def frozen_t_product(w: torch.Tensor, lhs: torch.Tensor) -> torch.Tensor:
     """wᵀ (n, out) @ lhs (out, P), contiguous (lhs contiguous too): the transposed 1x1 conv in oneDNN."""
     if not _in_onednn(lhs):
         return w.T @ lhs
@@ -74,7 +75,7 @@ class ConvDoRAGemm(torch.autograd.Function):
         rhs = _cols(x, weight.shape[2:], geometry, rank)  # [X | Dᵀ]
         positions = rhs.shape[1] - rank
         rhs[:, positions:].copy_(d.T)
-        prod = weight_times(w, rhs)  # (out, P + r): the only read of W in forward
+        prod = frozen_product(w, rhs)  # (out, P + r): the only read of W in forward
         z, wd = prod[:, :positions], prod[:, positions:]
         h = d @ rhs[:, :positions]  # (r, P)
         z.addmm_(u, h, alpha=scale)
@@ -108,7 +109,7 @@ class ConvDoRAGemm(torch.autograd.Function):
         grad_up_norm, grad_wd, grad_down_gram = F_dora.output_axis_sq_grads(c, u, wd, gram, d, scale)
         lhs[:, positions:] = grad_wd
         grad_h = (u.T * scale) @ grad_z  # (r, P)
-        back = weight_t_times(w, lhs)  # (n, P + r)
+        back = frozen_t_product(w, lhs)  # (n, P + r)
         grad_x = grad_down = grad_up = grad_magnitude = None
         if needs[0]:
             cols = back[:, :positions].addmm_(d.T, grad_h)  # (n, P)
