@@ -12,8 +12,8 @@ columns). So the conv runs as an im2col GEMM here, with those products as extra 
     backward  ∂Z = r ⊙ g,  ∂r = Σ_P g ⊙ Z,  c = ∂‖W + s U D‖²  (per row, through m / sqrt)
               [∂X₀ | ∂(W Dᵀ)ᵀ W] = Wᵀ [∂Z | 2s c ⊙ U]     ∂x = fold(∂X₀ + s Dᵀ Uᵀ ∂Z)
 
-The two products with W run as MKL GEMMs, or from ONEDNN_MIN_COLUMNS columns on in float32 as oneDNN 1x1 convs
-(faster there: see ONEDNN_MIN_COLUMNS). Either way the frozen conv's result is not the conv kernel's own, so on this
+The two products with W run as MKL GEMMs, or, in float32 with at least ONEDNN_MIN_COLUMNS columns, as oneDNN 1x1
+convs (measured faster: see that constant). Either way the frozen conv's result is not the conv kernel's own, so on this
 path the output equals the frozen layer's to float rounding, not bit for bit (the adapter's share at step
 0, U = 0 and r = 1, is still exactly zero). x [N, in, H, W], W [out, in, kh, kw] frozen, b [out] | None
 frozen, D [r, in, kh, kw], U [out, r, 1, 1], m [out, 1, 1, 1], w_sq = ‖W‖² per row [out, 1, 1, 1].
@@ -41,7 +41,7 @@ def _in_onednn(t: torch.Tensor) -> bool:
 
 
 def frozen_product(w: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """w (out, n) @ rhs (n, P), contiguous (rhs contiguous too)."""
+    """w (out, n) @ rhs (n, P) -> (out, P), contiguous; w and rhs must be contiguous."""
     if not _in_onednn(rhs):
         return w @ rhs
     out, n = w.shape
@@ -49,7 +49,8 @@ def frozen_product(w: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def frozen_t_product(w: torch.Tensor, lhs: torch.Tensor) -> torch.Tensor:
-    """wᵀ (n, out) @ lhs (out, P), contiguous (lhs contiguous too): the transposed 1x1 conv in oneDNN."""
+    """wᵀ (n, out) @ lhs (out, P) -> (n, P), contiguous; w and lhs must be contiguous. In oneDNN: the transposed
+    1x1 conv."""
     if not _in_onednn(lhs):
         return w.T @ lhs
     out, n = w.shape
