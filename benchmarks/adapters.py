@@ -18,7 +18,9 @@ target is out of reach of any implementation that runs PyTorch's op for the froz
 dora = LoRA with DoRA on the output axis (LyCORIS dora_wd with its default wd_on_output, peft use_dora: the
 axis all three share). A reference whose output does not change when its DoRA magnitude does is not computing
 DoRA (lycoris-lora 4.1.3's bypass mode drops weight_decompose): its cell reads "not DoRA" and it is left out
-of "best".
+of "best". lorakit's dora (like LyCORIS's) back-propagates through the norm ‖W + ΔW‖; peft treats it as a
+constant, less work. dora_detached is lorakit with dora_detach_norm, the gradient peft computes: its only
+reference is peft (LyCORIS has no such mode: n/a).
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ SHAPES = [  # label, layer factory, input shape without batch
     ("conv1x1 640->320 @64x64", lambda: nn.Conv2d(640, 320, 1), (640, 64, 64)),  # a 512 px up-block shortcut
     ("linear 320->320 x4096 tok", lambda: nn.Linear(320, 320), (4096, 320)),
 ]
-ALGOS = ["lora", "loha", "lokr", "dora"]
+ALGOS = ["lora", "loha", "lokr", "dora", "dora_detached"]
+DORA = ("dora", "dora_detached")
 
 
 class Holder(nn.Module):
@@ -58,8 +61,8 @@ class Holder(nn.Module):
 
 def ours(layer, algo):
     spec, device = LayerSpec.of(layer), layer.weight.device
-    if algo == "dora":
-        options = LoRAOptions(dora_wd=True, wd_on_output=True)
+    if algo in DORA:
+        options = LoRAOptions(dora_wd=True, wd_on_output=True, dora_detach_norm=algo == "dora_detached")
         adapter = get_algorithm("lora").module.create(spec, RANK, ALPHA, options, device=device)
     else:
         adapter = get_algorithm(algo).module.create(spec, RANK, ALPHA, device=device)
@@ -85,7 +88,7 @@ def peft(layer, algo):
     config = {"lora": LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["layer"]),
               "loha": LoHaConfig(r=RANK, alpha=ALPHA, target_modules=["layer"]),
               "lokr": LoKrConfig(r=RANK, alpha=ALPHA, target_modules=["layer"]),
-              "dora": LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["layer"], use_dora=True)}[algo]
+              "dora": LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["layer"], use_dora=True)}["dora" if algo in DORA else algo]
     model = inject_adapter_in_model(config, Holder(layer))
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     magnitude = next((p for n, p in model.named_parameters() if "lora_magnitude_vector" in n), None)
@@ -136,12 +139,15 @@ def bench_row(label, factory, shape, batch, reps, device, sync, algos=ALGOS):
     x = torch.randn(batch, *shape, device=device, requires_grad=True)
     frozen = factory().to(device).requires_grad_(False)
     grad_out = torch.randn_like(frozen(x))
-    rows, not_dora = [], set()
+    rows = []
     for algo in algos:
+        not_dora = set()
         impls = {"lorakit": lambda layer: ours(layer, algo),
                  "lycoris bypass": lambda layer: lycoris(layer, algo, True),
                  "lycoris rebuild": lambda layer: lycoris(layer, algo, False),
                  "peft": lambda layer: peft(layer, algo)}
+        if algo == "dora_detached":  # only peft computes this gradient
+            impls = {k: v for k, v in impls.items() if k in ("lorakit", "peft")}
         steps, adapter = {"frozen": step_fn(frozen, [], x, grad_out)}, None  # timed in the same rounds
         for name, build in impls.items():
             layer = factory().to(device).requires_grad_(False)
@@ -153,7 +159,7 @@ def bench_row(label, factory, shape, batch, reps, device, sync, algos=ALGOS):
                 continue
             adapter = maybe_adapter or adapter
             randomize(params)
-            if algo == "dora" and (magnitude is None or ignores_magnitude(model, magnitude, x)):
+            if algo in DORA and (magnitude is None or ignores_magnitude(model, magnitude, x)):
                 not_dora.add(name)
                 continue
             steps[name] = step_fn(model, params, x, grad_out)

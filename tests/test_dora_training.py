@@ -1,10 +1,13 @@
 """`lorakit train` with dora_wd on the embedded tiny model: the loss falls, and the saved file, loaded fresh,
 gives the trained network's outputs (input axis, the default, and the output axis)."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from lorakit.formats.files import load_network_file
+from lorakit.formats.safetensors_io import read_safetensors
 from lorakit.inspect_file import inspect_file
 from lorakit.models import styles
 from lorakit.models.checkpoint import load_base_model
@@ -34,13 +37,18 @@ def check_reload(trainer, path, axis, name):
     assert set(inspect_file(path)["algorithm_labels"]) == {f"{name}+DoRA ({axis} axis)"}
 
 
-@pytest.mark.parametrize("algo,wd_on_output", [("lora", False), ("lokr", True)])
-def test_short_dora_run_saves_a_file_that_reloads(tiny_folder, images, tmp_path, algo, wd_on_output):
+@pytest.mark.parametrize("algo,wd_on_output,detach", [("lora", False, False), ("lokr", True, False),
+                                                      ("lora", True, True)])
+def test_short_dora_run_saves_a_file_that_reloads(tiny_folder, images, tmp_path, algo, wd_on_output, detach):
     cfg = train_config(tiny_folder, images, tmp_path, algo=algo, conv_dim=4, conv_alpha=2, max_train_steps=3,
                        network_module="lycoris.kohya", dora_wd=True, wd_on_output=wd_on_output,
-                       network_train_unet_only=True, learning_rate=1e-2, save_precision="float")
+                       dora_detach_norm=detach, network_train_unet_only=True, learning_rate=1e-2,
+                       save_precision="float")
     trainer = Trainer(cfg)
+    assert {a.dora_detach_norm for a in trainer.network.adapters.values()} == {detach}
     path = trainer.run().files[-1]
+    args = json.loads(read_safetensors(path)[1]["ss_network_args"])
+    assert args.get("dora_detach_norm") == ("True" if detach else None)
     check_reload(trainer, path, "output" if wd_on_output else "input", {"lora": "LoRA", "lokr": "LoKr"}[algo])
 
 

@@ -67,6 +67,9 @@ class NetworkConfig:
                                "trained magnitude m, on LoRA/LoCon, LoHa and LoKr")
     wd_on_output: bool = opt(False, "DoRA norm per output row (LyCORIS >= 3.2's default). Off: per input column, "
                                     "the layout A1111, ComfyUI and Forge all compute exactly")
+    dora_detach_norm: bool = opt(False, "DoRA: ‖W+ΔW‖ is a constant in backward, as in the DoRA paper (sec. 4.3), "
+                                        "PEFT and OneTrainer; less compute and memory on large layers. Off: "
+                                        "LyCORIS's full gradient. Files are the same either way")
     loraplus_lr_ratio: float | None = opt(None, "LoRA+: LoRA/LoCon up matrices train at this multiple of the LR",
                                           lo=0.0, hi=1e6)
     loraplus_unet_lr_ratio: float | None = opt(None, "LoRA+ ratio for the U-Net only", lo=0.0, hi=1e6)
@@ -144,8 +147,9 @@ class NetworkConfig:
         if self.train_norm and (self.dropout or self.rank_dropout):
             out.append("dropout / rank_dropout do not act on train_norm's norm deltas (they have no rank); "
                        "module_dropout does")
-        if self.wd_on_output and not self.dora_wd:
-            out.append("wd_on_output has no effect without dora_wd (it sets the DoRA norm's axis)")
+        for name, what in (("wd_on_output", "the DoRA norm's axis"), ("dora_detach_norm", "the DoRA norm's gradient")):
+            if getattr(self, name) and not self.dora_wd:
+                out.append(f"{name} has no effect without dora_wd (it sets {what})")
         plus = [n for n in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
                 if getattr(self, n) is not None]
         if plus and get_algorithm(self.algo).name != "lora":
@@ -247,5 +251,7 @@ class NetworkConfig:
                 args[name] = "True"
         if self.dora_wd:  # wd_on_output always written: LyCORIS reads a missing one as True (output axis)
             args["dora_wd"], args["wd_on_output"] = "True", str(self.wd_on_output)
+            if self.dora_detach_norm:
+                args["dora_detach_norm"] = "True"
         args["dropout"] = str(self.dropout) if self.dropout else None
         return args

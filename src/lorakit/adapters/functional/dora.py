@@ -222,13 +222,18 @@ class _LowRankRatio(torch.autograd.Function):
 
 
 def lowrank_ratio(w_sq: torch.Tensor, weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float,
-                  magnitude: torch.Tensor, axis: str) -> torch.Tensor:
+                  magnitude: torch.Tensor, axis: str, detach_norm: bool = False) -> torch.Tensor:
     """ratio() for ΔW = s·U D (LoRA/LoCon without Tucker) over a frozen W (no gradient to it), through
-    lowrank_norm_sq's identity, as one node."""
+    lowrank_norm_sq's identity, as one node. detach_norm: the norm is a constant in backward (only m gets a
+    gradient), the same value bit for bit; backward then reads W no more."""
     _check_axis(axis)
     dtype = compute_dtype(weight, up, down, magnitude)
-    return _LowRankRatio.apply(w_sq.to(dtype), weight.to(dtype).detach(), up.to(dtype), down.to(dtype),
-                               magnitude.to(dtype), scale, axis)
+    w_sq, weight, up, down = w_sq.to(dtype), weight.to(dtype).detach(), up.to(dtype), down.to(dtype)
+    if detach_norm:
+        with torch.no_grad():
+            sq = lowrank_norm_sq(w_sq, weight, up, down, scale, axis)
+        return ratio_from_sq(sq, magnitude.to(dtype))[0]
+    return _LowRankRatio.apply(w_sq, weight, up, down, magnitude.to(dtype), scale, axis)
 
 
 def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, axis: str,

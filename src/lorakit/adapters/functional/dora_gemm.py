@@ -70,7 +70,8 @@ class ConvDoRAGemm(torch.autograd.Function):
     """The node of the module docstring; the frozen W and b get no gradient, w_sq and the geometry none."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, magnitude, w_sq, scale: float, geometry: Geometry):
+    def forward(ctx, x, weight, bias, down, up, magnitude, w_sq, scale: float, geometry: Geometry,
+                detach_norm: bool):
         out, rank = weight.shape[0], down.shape[0]
         w, u, d = weight.reshape(out, -1), up.reshape(out, rank), down.reshape(rank, -1)
         rhs = _cols(x, weight.shape[2:], geometry, rank)  # [X | Dᵀ]
@@ -91,6 +92,7 @@ class ConvDoRAGemm(torch.autograd.Function):
         # x, not its 9x larger unfold: rebuilding that in backward is cheap at these sizes
         ctx.save_for_backward(x, weight, down, up, prod, h, gram, sq, norm, ratio)
         ctx.scale, ctx.geometry, ctx.input_size, ctx.magnitude_shape = scale, geometry, x.shape[2:], magnitude.shape
+        ctx.detach_norm = detach_norm
         return y.view(batch, out, *output_size(x.shape[2:], weight.shape[2:], geometry))
 
     @staticmethod
@@ -101,14 +103,16 @@ class ConvDoRAGemm(torch.autograd.Function):
         w, u, d = weight.reshape(out, -1), up.reshape(out, rank), down.reshape(rank, -1)
         positions = h.shape[1]
         z, wd = prod[:, :positions], prod[:, positions:]
-        lhs = grad.new_empty(out, positions + rank)  # [∂Z | ∂(W Dᵀ)], for the one read of W in backward
+        norm_grad = not ctx.detach_norm  # a detached norm is a constant: only m learns from the ratio
+        lhs = grad.new_empty(out, positions + rank * norm_grad)  # [∂Z | ∂(W Dᵀ)], the one read of W in backward
         grad_z = lhs[:, :positions]
         grad_z.view(out, batch, -1).copy_(grad.reshape(batch, out, -1).transpose(0, 1))
         grad_ratio = (grad_z * z).sum(1)  # (out,)
         grad_z *= ratio[:, None]
-        c = F_dora.sq_grad(grad_ratio, ratio, norm, sq)  # ∂L/∂‖W_o + s(UD)_o‖², (out,)
-        grad_up_norm, grad_wd, grad_down_gram = F_dora.output_axis_sq_grads(c, u, wd, gram, d, scale)
-        lhs[:, positions:] = grad_wd
+        if norm_grad:
+            c = F_dora.sq_grad(grad_ratio, ratio, norm, sq)  # ∂L/∂‖W_o + s(UD)_o‖², (out,)
+            grad_up_norm, grad_wd, grad_down_gram = F_dora.output_axis_sq_grads(c, u, wd, gram, d, scale)
+            lhs[:, positions:] = grad_wd
         grad_h = (u.T * scale) @ grad_z  # (r, P)
         back = frozen_t_product(w, lhs)  # (n, P + r)
         grad_x = grad_down = grad_up = grad_magnitude = None
@@ -118,12 +122,16 @@ class ConvDoRAGemm(torch.autograd.Function):
                             weight.shape[2:], ctx.geometry.dilation, ctx.geometry.padding, ctx.geometry.stride)
         if needs[3]:
             cols = _cols(x, weight.shape[2:], ctx.geometry, 0)  # X (n, P)
-            grad_down = (grad_h @ cols.T + back[:, positions:].T + grad_down_gram).view(down.shape)
+            grad_down = grad_h @ cols.T
+            if norm_grad:
+                grad_down += back[:, positions:].T + grad_down_gram
+            grad_down = grad_down.view(down.shape)
         if needs[4]:
-            grad_up = grad_up_norm.addmm_(grad_z, h.T, alpha=scale).view(up.shape)
+            grad_up = (grad_up_norm.addmm_(grad_z, h.T, alpha=scale) if norm_grad
+                       else torch.mm(grad_z, h.T).mul_(scale)).view(up.shape)
         if needs[5]:
             grad_magnitude = (grad_ratio / norm).view(ctx.magnitude_shape)
-        return grad_x, None, None, grad_down, grad_up, grad_magnitude, None, None, None
+        return grad_x, None, None, grad_down, grad_up, grad_magnitude, None, None, None, None
 
 
 def output_size(size: torch.Size, kernel: tuple[int, int], geometry: Geometry) -> tuple[int, int]:
@@ -134,6 +142,7 @@ def output_size(size: torch.Size, kernel: tuple[int, int], geometry: Geometry) -
 
 def conv_dora_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
                    up: torch.Tensor, magnitude: torch.Tensor, w_sq: torch.Tensor, scale: float,
-                   geometry: Geometry) -> torch.Tensor:
-    """m ⊙ (W + s·U D) x / ‖W + s·U D‖ + b (norm per output row) for a frozen conv: see the module docstring."""
-    return ConvDoRAGemm.apply(x, weight, bias, down, up, magnitude, w_sq, scale, geometry)
+                   geometry: Geometry, detach_norm: bool = False) -> torch.Tensor:
+    """m ⊙ (W + s·U D) x / ‖W + s·U D‖ + b (norm per output row) for a frozen conv: see the module docstring.
+    detach_norm: the norm a constant in backward (no ∂(W Dᵀ) columns, no c)."""
+    return ConvDoRAGemm.apply(x, weight, bias, down, up, magnitude, w_sq, scale, geometry, detach_norm)

@@ -76,6 +76,7 @@ class AdapterModule(nn.Module):
         self.param_names = tuple(weights)
         self.dora_axis = dora.axis_of(spec, weights)  # 'output' / 'input' with a DoRA magnitude, else None
         self._magnitude_pending = False  # a created (not loaded) magnitude becomes ‖W‖ on attach
+        self.dora_detach_norm = False  # see dora.configure
         if self.dora_axis is not None:
             self.dropout_path = "merged"  # the norm needs the whole ΔW: masks act on its output rows
         rank = self.rank
@@ -176,13 +177,20 @@ class AdapterModule(nn.Module):
         positions = self._output_positions(x)
         base = positions * math.prod(self.spec.weight_shape)
         mode = mode or self._choose_mode(x)
-        if mode == "bypass":  # DoRA's bypass needs ‖W + ΔW‖: ΔW built (3B), or for LoRA W·Dᵀ and its grad (2B)
-            norm = (2 if self.lowrank_factors() is not None else 3) * self.build_flops() if self.dora_axis else 0
+        if mode == "bypass":  # DoRA's bypass needs ‖W + ΔW‖: ΔW built (3B), or for LoRA W·Dᵀ and its grad (2B);
+            norm = self._dora_norm_flops()  # a detached norm has no backward (1B)
             # folded: W' built twice (forward, grad-input), the rank-r path twice (the two weight gradients)
             adapter = (2 * self.bypass_flops(positions) + 2 * self.build_flops() if self.folds(x)
                        else 3 * self.bypass_flops(positions))
             return 2 * base + adapter + norm
         return 3 * base + 3 * self.build_flops()
+
+    def _dora_norm_flops(self) -> int:
+        if self.dora_axis is None:
+            return 0
+        if self.dora_detach_norm:
+            return self.build_flops()
+        return (2 if self.lowrank_factors() is not None else 3) * self.build_flops()
 
     def recompute_flops(self, x: torch.Tensor, mode: str | None = None) -> int:
         """Multiply-adds the adapter adds each time its layer's forward runs again (gradient checkpointing

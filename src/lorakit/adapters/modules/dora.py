@@ -38,6 +38,14 @@ def axis_of(spec: LayerSpec, weights: dict[str, torch.Tensor]) -> str | None:
     return axis
 
 
+def configure(module, options) -> None:
+    """What a created module takes from its options (dora_wd, dora_detach_norm): a magnitude made here
+    becomes ‖W‖ on attach; a detached norm is a constant in backward (the DoRA paper's §4.3, PEFT,
+    OneTrainer), so ΔW learns only through W + ΔW and m alone through the norm's value."""
+    module._magnitude_pending = options.dora_wd
+    module.dora_detach_norm = options.dora_wd and options.dora_detach_norm
+
+
 @torch.no_grad()
 def init_from_layer(module, weight: torch.Tensor) -> None:
     """m = ‖W‖ on the module's axis (so W' = W until training moves ΔW or m)."""
@@ -46,7 +54,8 @@ def init_from_layer(module, weight: torch.Tensor) -> None:
 
 def applied_weight(module, weight: torch.Tensor, delta: torch.Tensor, multiplier: float) -> torch.Tensor:
     """W + μ·(W' − W) in at least float32: the weight the merged forward, merge and merge tools use."""
-    return F_dora.dora_weight(weight, delta, module.magnitude, module.dora_axis, multiplier)
+    return F_dora.dora_weight(weight, delta, module.magnitude, module.dora_axis, multiplier,
+                              module.dora_detach_norm)
 
 
 def frozen_weight_sq(module, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -66,14 +75,17 @@ def frozen_weight_sq(module, weight: torch.Tensor, dtype: torch.dtype) -> torch.
 def ratio(module) -> torch.Tensor:
     """m / ‖W + ΔW‖ for the module's current weights, in the magnitude's layout (at least float32). For a
     rank-r ΔW = s·U D over a frozen W the norm comes from the r-sized identity of lowrank_norm_sq instead of
-    building ΔW and W + ΔW (and their backward): same value, several weight-sized passes fewer."""
-    weight, factors = module.layer.weight, module.lowrank_factors()
+    building ΔW and W + ΔW (and their backward): same value, several weight-sized passes fewer. With a
+    detached norm only m gets a gradient here, and no ΔW is built in the graph."""
+    weight, factors, detach = module.layer.weight, module.lowrank_factors(), module.dora_detach_norm
     if factors is None or weight.requires_grad:
-        return F_dora.ratio(weight, module.delta_weight(), module.magnitude, module.dora_axis)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
+            delta = module.delta_weight()
+        return F_dora.ratio(weight, delta, module.magnitude, module.dora_axis, detach)
     up, down, scale = factors
     dtype = F_dora.compute_dtype(weight, up, down, module.magnitude)
     return F_dora.lowrank_ratio(frozen_weight_sq(module, weight, dtype), weight, up, down, scale,
-                                module.magnitude, module.dora_axis)
+                                module.magnitude, module.dora_axis, detach)
 
 
 def bypass_forward(module, x: torch.Tensor) -> torch.Tensor:

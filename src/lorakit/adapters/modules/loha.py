@@ -19,6 +19,7 @@ class LoHaOptions:
     use_scalar: bool = False  # LyCORIS: trained scalar from 0, w2a starts random (folded into hada_w1_a in files)
     dora_wd: bool = False  # DoRA: W' = m ⊙ (W + ΔW)/‖W + ΔW‖ with a trained magnitude m (`dora_scale` in files)
     wd_on_output: bool = False  # DoRA norm per output row (LyCORIS >= 3.2); default per input column (A1111/ComfyUI)
+    dora_detach_norm: bool = False  # DoRA: ‖W + ΔW‖ a constant in backward (DoRA paper, PEFT, OneTrainer)
 
 
 class LoHaModule(AdapterModule):
@@ -35,7 +36,7 @@ class LoHaModule(AdapterModule):
         if options.dora_wd:
             weights[dora.MAGNITUDE] = dora.placeholder(spec, options.wd_on_output, dtype, device)
         module = cls(spec, weights, alpha, dropouts, forward_mode)
-        module._magnitude_pending = options.dora_wd
+        dora.configure(module, options)
         if options.use_scalar:
             module.add_scalar()
         return module

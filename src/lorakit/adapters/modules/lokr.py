@@ -23,6 +23,7 @@ class LoKrOptions:
     unbalanced_factorization: bool = False  # LyCORIS: the larger factor of the output size goes to W1
     dora_wd: bool = False  # DoRA: W' = m ⊙ (W + ΔW)/‖W + ΔW‖ with a trained magnitude m (`dora_scale` in files)
     wd_on_output: bool = False  # DoRA norm per output row (LyCORIS >= 3.2); default per input column (A1111/ComfyUI)
+    dora_detach_norm: bool = False  # DoRA: ‖W + ΔW‖ a constant in backward (DoRA paper, PEFT, OneTrainer)
 
 
 def full_w1_numel(weights: dict[str, torch.Tensor]) -> int:
@@ -47,7 +48,7 @@ class LoKrModule(AdapterModule):
         if options.dora_wd:
             weights[dora.MAGNITUDE] = dora.placeholder(spec, options.wd_on_output, dtype, device)
         module = cls(spec, weights, alpha if F_lokr.is_factorised(weights) else None, dropouts, forward_mode)
-        module._magnitude_pending = options.dora_wd
+        dora.configure(module, options)
         if not F_lokr.is_factorised(weights):
             module.alpha.fill_(float(rank))  # both sides full: consumers use scale 1; store alpha = dim like LyCORIS
         if options.use_scalar:

@@ -21,6 +21,7 @@ class LoRAOptions:
     use_scalar: bool = False  # LyCORIS: trained scalar from 0, `up` starts random (folded into lora_up in files)
     dora_wd: bool = False  # DoRA: W' = m ⊙ (W + ΔW)/‖W + ΔW‖ with a trained magnitude m (`dora_scale` in files)
     wd_on_output: bool = False  # DoRA norm per output row (LyCORIS >= 3.2); default per input column (A1111/ComfyUI)
+    dora_detach_norm: bool = False  # DoRA: ‖W + ΔW‖ a constant in backward (DoRA paper, PEFT, OneTrainer)
 
 
 # folds(): activations (positions x (in + out)) per weight element from which the folded node is faster than
@@ -56,7 +57,7 @@ class LoRAModule(AdapterModule):
         if options.dora_wd:
             weights[dora.MAGNITUDE] = dora.placeholder(spec, options.wd_on_output, dtype, device)
         module = cls(spec, weights, alpha, dropouts, forward_mode)
-        module._magnitude_pending = options.dora_wd
+        dora.configure(module, options)
         if options.use_scalar:
             module.add_scalar()
         return module
@@ -127,7 +128,8 @@ class LoRAModule(AdapterModule):
         w_sq = dora.frozen_weight_sq(self, layer.weight, dt)
         return F_dora_gemm.conv_dora_gemm(x, layer.weight, layer.bias, self.down.to(dt), self.weights()["up"].to(dt),
                                           self.magnitude, w_sq, self.scale,
-                                          F_folded.Geometry(spec.stride, spec.padding, spec.dilation))
+                                          F_folded.Geometry(spec.stride, spec.padding, spec.dilation),
+                                          self.dora_detach_norm)
 
     def _folded_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer output through the folded node, or None for a DoRA ratio with an exact zero."""
