@@ -85,10 +85,11 @@ def lycoris(layer, algo, bypass):
 def peft(layer, algo):
     from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 
-    config = {"lora": LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["layer"]),
-              "loha": LoHaConfig(r=RANK, alpha=ALPHA, target_modules=["layer"]),
-              "lokr": LoKrConfig(r=RANK, alpha=ALPHA, target_modules=["layer"]),
-              "dora": LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["layer"], use_dora=True)}["dora" if algo in DORA else algo]
+    configs = {"lora": LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["layer"]),
+               "loha": LoHaConfig(r=RANK, alpha=ALPHA, target_modules=["layer"]),
+               "lokr": LoKrConfig(r=RANK, alpha=ALPHA, target_modules=["layer"]),
+               "dora": LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["layer"], use_dora=True)}
+    config = configs["dora" if algo in DORA else algo]  # peft's DoRA always detaches its norm
     model = inject_adapter_in_model(config, Holder(layer))
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     magnitude = next((p for n, p in model.named_parameters() if "lora_magnitude_vector" in n), None)

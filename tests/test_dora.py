@@ -394,12 +394,16 @@ def test_lowrank_ratio_node_gradients_pass_gradcheck(shape, axis):
 
 def test_blocked_weight_products_equal_the_plain_products():
     g = torch.Generator().manual_seed(4)
-    w = torch.randn(384, 50, generator=g, dtype=torch.float64)  # 3 blocks of WEIGHT_ROW_BLOCK rows
+    w = torch.randn(384, 50, generator=g, dtype=torch.float64)  # 3 blocks of 128 rows, 12 of 32
+    assert F_dora._row_blocks(w, F_dora.WEIGHT_ROW_BLOCK) == 3
+    assert F_dora._row_blocks(w, F_dora.WEIGHT_TIMES_ROW_BLOCK) == 12
     a, b = torch.randn(3, 384, generator=g, dtype=torch.float64), torch.randn(3, 50, generator=g, dtype=torch.float64)
     assert torch.allclose(F_dora.times_weight(a, w), a @ w, atol=1e-12)
     assert torch.allclose(F_dora.weight_times(w, b), w @ b.T, atol=1e-12)
     odd = w[:300]  # not a whole number of blocks: the plain product
     assert torch.equal(F_dora.times_weight(a[:, :300], odd), a[:, :300] @ odd)
+    assert F_dora._row_blocks(odd, F_dora.WEIGHT_TIMES_ROW_BLOCK) == 1
+    assert torch.allclose(F_dora.weight_times(odd, b), odd @ b.T, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(50, 6), (256, 6), (300, 6), (1000, 9), (2, 5, 3, 4), (1, 6, 2, 2)])

@@ -163,26 +163,42 @@ def output_axis_sq_grads(c: torch.Tensor, up: torch.Tensor, wd: torch.Tensor, gr
     return grad_up, (2 * scale) * cu, (2 * scale * scale) * (up.T @ cu) @ down
 
 
-# skinny products with a frozen weight W (out, n) at rank r: MKL runs a single (r, out) @ (out, n) far below
-# its GEMM speed on a CPU; as a sum of batched products over blocks of WEIGHT_ROW_BLOCK rows it ran 1.7x faster
-# (1280 x 11520: 4.1 against 7.2 ms; 640 x 5760: 0.8 against 1.35 ms, 2-core AMD EPYC, 2 threads), and
-# (D Wᵀ)ᵀ beat W Dᵀ by 1.2x (4.7 against 5.5 ms).
+# skinny products with a frozen weight W (out, n) at rank r: MKL runs a single (r, out) @ (out, n) or W Dᵀ far
+# below its GEMM speed on a CPU (~3x the time of one read of W at 1280 x 11520). As batched products over blocks
+# of W's rows they ran faster (2-core AMD EPYC, 2 threads, fp32, ms): Uᵀ W in blocks of 128 rows, 1280 x 11520
+# 4.1 against 7.2, 640 x 5760 0.8 against 1.35; W Dᵀ as (D Wᵀ)ᵀ in blocks of 32 rows, 1280 x 11520 2.6 against
+# 3.9, 10240 x 1280 2.5 against 4.8, 640 x 5760 0.44 against 0.61, 320 x 2880 0.11 against 0.15 (blocks of 16
+# and 64 within 10% of 32 everywhere; 320 x 320 the same either way). A read of W alone: 1.0-1.4 ms at 1280 x 11520.
 WEIGHT_ROW_BLOCK = 128
+WEIGHT_TIMES_ROW_BLOCK = 32
+
+
+def _row_blocks(w: torch.Tensor, rows: int) -> int:
+    """How many blocks of `rows` rows a frozen CPU weight (out, n) splits into; 1 = run it unsplit."""
+    out = w.shape[0]
+    if w.device.type != "cpu" or not w.is_contiguous() or out < 2 * rows or out % rows:
+        return 1
+    return out // rows
 
 
 def times_weight(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """a @ w for a (r, out) and a frozen w (out, n): (r, n)."""
-    out = w.shape[0]
-    if w.device.type != "cpu" or out < 2 * WEIGHT_ROW_BLOCK or out % WEIGHT_ROW_BLOCK:
+    blocks = _row_blocks(w, WEIGHT_ROW_BLOCK)
+    if blocks == 1:
         return a @ w
-    blocks = out // WEIGHT_ROW_BLOCK
     return torch.bmm(a.reshape(a.shape[0], blocks, WEIGHT_ROW_BLOCK).transpose(0, 1),
                      w.view(blocks, WEIGHT_ROW_BLOCK, -1)).sum(0)
 
 
 def weight_times(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """w @ bᵀ for a frozen w (out, n) and b (r, n): (out, r)."""
-    return (b @ w.T).T if w.device.type == "cpu" else w @ b.T
+    """w @ bᵀ for a frozen w (out, n) and b (r, n): (out, r), as the transpose of a contiguous (r, out)."""
+    if w.device.type != "cpu":
+        return w @ b.T
+    blocks = _row_blocks(w, WEIGHT_TIMES_ROW_BLOCK)
+    if blocks == 1:
+        return (b @ w.T).T
+    parts = torch.bmm(b.expand(blocks, -1, -1), w.view(blocks, WEIGHT_TIMES_ROW_BLOCK, -1).transpose(1, 2))
+    return parts.transpose(0, 1).reshape(b.shape[0], -1).T  # (blocks, r, rows) -> (r, out) -> (out, r)
 
 
 class _LowRankRatio(torch.autograd.Function):
