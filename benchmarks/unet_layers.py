@@ -1,14 +1,15 @@
 """Where the adapters' time goes in a full-size U-Net: each adapted layer shape, frozen against adapted.
 
-    .venv/bin/python benchmarks/unet_layers.py [--family sd1|sdxl] [--res 256] [--dora] [--top 20] [--tiny]
+    .venv/bin/python benchmarks/unet_layers.py [--family sd1|sdxl] [--res 256] [--dora [--detach-norm]] [--top 20]
+        [--tiny]
 
 Builds the U-Net of the stock architecture with random fp32 weights, attaches the trainer's LoCon network
-(network_dim 8 / alpha 4, conv_dim 8 / alpha 4; --dora adds dora_wd), records the input every adapted layer
-sees in one forward, and then, per distinct (layer, input shape), times forward + backward to the input of
-the frozen layer alone and of the adapted layer (adapter weights random, so no path is skipped), alternating
-the two in rounds. The table lists shapes by their total extra (extra per call x calls per pass), beside the
-adapter's multiply-add share for that layer and the path it took. Isolated layers, not the network: the
-sums are a map of the extra, not the step's own figure (benchmarks/train_step.py is).
+(network_dim 8 / alpha 4, conv_dim 8 / alpha 4; --dora adds dora_wd, --detach-norm dora_detach_norm), records
+the input every adapted layer sees in one forward, and then, per distinct (layer, input shape), times forward
++ backward to the input of the frozen layer alone and of the adapted layer (adapter weights random, so no path
+is skipped), alternating the two in rounds. The table lists shapes by their total extra (extra per call x
+calls per pass), beside the adapter's multiply-add share for that layer and the path it took. Isolated layers,
+not the network: the sums are a map of the extra, not the step's own figure (benchmarks/train_step.py is).
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ from train_step import arch, materialize, unet_inputs  # noqa: E402  (sets torch
 import torch  # noqa: E402
 
 
-def adapted_unet(family: str, tiny: bool, dora: bool):
+def adapted_unet(family: str, tiny: bool, dora: bool, detach_norm: bool = False):
     from lorakit.models.configs import build_unet
     from lorakit.surgery.config import NetworkConfig
     from lorakit.surgery.network import create_network
 
     unet = materialize(build_unet(arch(family, tiny), "meta"), torch.float32, "cpu").requires_grad_(False)
-    config = NetworkConfig(network_dim=8, network_alpha=4, conv_dim=8, conv_alpha=4, dora_wd=dora)
+    config = NetworkConfig(network_dim=8, network_alpha=4, conv_dim=8, conv_alpha=4, dora_wd=dora,
+                           dora_detach_norm=dora and detach_norm)
     network = create_network(unet, config=config, seed=0)
     with torch.no_grad():
         for name, p in network.named_parameters():
@@ -103,6 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--family", default="sd1", choices=["sd1", "sdxl"])
     parser.add_argument("--res", type=int, default=256, help="pixels (--tiny divides by 4)")
     parser.add_argument("--dora", action="store_true", help="dora_wd (input axis, the default layout)")
+    parser.add_argument("--detach-norm", action="store_true", help="with --dora: dora_detach_norm")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=5, help="calls per round and layer")
     parser.add_argument("--top", type=int, default=20, help="rows shown (the sums count every shape)")
@@ -114,7 +117,7 @@ def main(argv=None) -> None:
 
     keep_large_buffers(torch.device("cpu"))  # the trainer's allocator setting
     res = args.res // 4 if args.tiny else args.res
-    unet, network = adapted_unet(args.family, args.tiny, args.dora)
+    unet, network = adapted_unet(args.family, args.tiny, args.dora, args.detach_norm)
     rows = []
     for (kind, weight, stride, shape), names in layer_inputs(unet, network, res).items():
         adapter = network.adapters[names[0]]
@@ -124,7 +127,8 @@ def main(argv=None) -> None:
         rows.append((kind, weight, stride, shape, len(names), frozen_ms, adapted_ms, share, path_of(adapter, x)))
     frozen_sum = sum(r[5] * r[4] for r in rows)
     adapted_sum = sum(r[6] * r[4] for r in rows)
-    print(f"# {arch(args.family, args.tiny)} at {res} px, fp32, LoCon 8/4 conv 8/4{' + DoRA' if args.dora else ''}, "
+    dora = (" + DoRA, norm detached" if args.detach_norm else " + DoRA") if args.dora else ""
+    print(f"# {arch(args.family, args.tiny)} at {res} px, fp32, LoCon 8/4 conv 8/4{dora}, "
           f"{len(network.adapters)} adapters in {len(rows)} shapes, {args.threads} threads, torch {torch.__version__}")
     print(f"# every shape x its calls: frozen {frozen_sum:.0f} ms, adapted {adapted_sum:.0f} ms, extra "
           f"{adapted_sum - frozen_sum:.0f} ms ({(adapted_sum - frozen_sum) / frozen_sum:.1%})\n")
