@@ -123,17 +123,18 @@ def test_norms_benchmark_prints_one_row_per_unet():
 
 def test_adapter_benchmark_rows_name_the_path_and_leave_out_references_that_skip_dora():
     cmd = [sys.executable, str(ROOT / "benchmarks" / "adapters.py"), "--quick", "--threads", "1",
-           "--shapes", "linear", "--algos", "lora,dora"]
+           "--shapes", "linear", "--algos", "lora,dora,dora_detached"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "allocator: keep_large_buffers" in proc.stdout  # the trainer's CPU setting (glibc)
     rows = {cells[2]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
                                           for line in proc.stdout.splitlines() if line.startswith("| linear"))}
-    assert set(rows) == {"lora", "dora"}
+    assert set(rows) == {"lora", "dora", "dora_detached"}
     for cells in rows.values():  # 4096 tokens against a 320x320 weight: the folded node
         assert cells[4].endswith("(folded)") and float(cells[3]) > 0 and float(cells[8]) > 0
         assert 1.0 < float(cells[10]) < 1.2  # FLOP ratio of the folded path: 2A + 2B over 2F
     assert rows["dora"][5] == "not DoRA"  # lycoris-lora 4.1.3's bypass leaves weight_decompose out
+    assert rows["dora_detached"][5:7] == ["n/a", "n/a"] and float(rows["dora_detached"][7]) > 0  # peft alone
     for cells in rows.values():  # frozen/best: the frozen layer over the best reference, below ours/best
         assert 0 < float(cells[12]) < float(cells[8])
 
