@@ -41,7 +41,7 @@ def axis_of(spec: LayerSpec, weights: dict[str, torch.Tensor]) -> str | None:
 def configure(module, options) -> None:
     """What a created module takes from its options (dora_wd, dora_detach_norm): a magnitude made here
     becomes ‖W‖ on attach; a detached norm is a constant in backward (the DoRA paper's §4.3, PEFT,
-    OneTrainer), so ΔW learns only through W + ΔW and m alone through the norm's value."""
+    OneTrainer): ΔW's gradient comes through W + ΔW alone, none through ‖W + ΔW‖."""
     module._magnitude_pending = options.dora_wd
     module.dora_detach_norm = options.dora_wd and options.dora_detach_norm
 
