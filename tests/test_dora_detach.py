@@ -107,7 +107,7 @@ def test_config_records_the_detached_norm_and_notes_it_without_dora():
     assert any("dora_detach_norm has no effect without dora_wd" in n for n in notes)
 
 
-def test_network_args_spelling_reaches_the_modules(tmp_path):
+def test_network_args_spelling_sets_the_field():
     from lorakit.training.config import build_config
 
     config = build_config({"network_module": "lycoris.kohya", "network_dim": 4,

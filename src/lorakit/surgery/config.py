@@ -68,7 +68,7 @@ class NetworkConfig:
     wd_on_output: bool = opt(False, "DoRA norm per output row (LyCORIS >= 3.2's default). Off: per input column, "
                                     "the layout A1111, ComfyUI and Forge all compute exactly")
     dora_detach_norm: bool = opt(False, "DoRA: ‖W+ΔW‖ is a constant in backward, as in the DoRA paper (sec. 4.3), "
-                                        "PEFT and OneTrainer; less compute and memory on large layers. Off: "
+                                        "PEFT and OneTrainer; less compute on large layers. Off: "
                                         "LyCORIS's full gradient. Files are the same either way")
     loraplus_lr_ratio: float | None = opt(None, "LoRA+: LoRA/LoCon up matrices train at this multiple of the LR",
                                           lo=0.0, hi=1e6)
