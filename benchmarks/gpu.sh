@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu.sh --only torch_compile [--models sd1]   # some settings/models: a second call for the
 #                                     # rows a first call's --budget cut
 #   bash benchmarks/gpu.sh --profile [--tiny]   # benchmarks/gpu_profile.py: adapted against bare U-Net, top ops
+#   bash benchmarks/gpu.sh --adapters [--algos dora,dora_detached] [--tiny]   # benchmarks/adapters.py on the GPU:
+#                                     # one adapted layer against lycoris-lora and peft (their wheels come too)
 #
 # Dependencies, without `make venv` (which needs PyPI and installs a CPU torch): a python whose torch sees the
 # GPU is used as it is; what it lacks from requirements-lock.txt (diffusers, transformers, safetensors, ...)
@@ -16,6 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tiny=0
 for a in "$@"; do [[ $a == --tiny ]] && tiny=1; done
+# the adapter benchmark's references, at requirements-lock.txt's versions, beside lorakit's runtime imports
+[[ ${1:-} == --adapters ]] && export LORAKIT_BENCH_DISTS="peft lycoris_lora accelerate einops toml psutil PyYAML"
 
 pick_python() {
     if [[ -n ${PYTHON:-} ]]; then echo "$PYTHON"; return; fi
@@ -37,9 +41,11 @@ missing=$("$PY" - <<'EOF'
 import importlib.metadata as md
 import re
 lock = dict(re.match(r"([A-Za-z0-9_.-]+)==(\S+)", l).groups() for l in open("requirements-lock.txt") if "==" in l)
-exact = {"diffusers", "transformers"}
+import os
+exact = {"diffusers", "transformers", "peft", "lycoris_lora"}
 out = []
-for dist in ("diffusers", "transformers", "safetensors", "tqdm", "pillow", "numpy"):
+extra = os.environ.get("LORAKIT_BENCH_DISTS", "").split()
+for dist in ("diffusers", "transformers", "safetensors", "tqdm", "pillow", "numpy", *extra):
     try:
         have = md.version(dist)
     except md.PackageNotFoundError:
@@ -57,6 +63,15 @@ if [[ -n $missing ]]; then
         "$PY" -m pip install -q --target "$site" $missing || {
             echo "gpu.sh: cannot install $missing (no package registry? put their wheels in .whl/)" >&2; exit 3; }
     fi
+fi
+if [[ ${1:-} == --adapters ]]; then  # no bitsandbytes: it times layers, not optimizers
+    shift
+    args=()
+    for a in "$@"; do [[ $a == --tiny ]] || args+=("$a"); done
+    device=cuda
+    [[ $tiny == 1 ]] && device=cpu
+    export PYTHONUNBUFFERED=1
+    exec "$PY" benchmarks/adapters.py --device "$device" ${args[@]+"${args[@]}"}
 fi
 if [[ $tiny == 0 ]] && ! "$PY" -c 'import bitsandbytes' 2>/dev/null; then
     if [[ -d .whl ]] && ls .whl/bitsandbytes-*.whl >/dev/null 2>&1; then

@@ -6,7 +6,9 @@
 #
 # diffusers and transformers at requirements-lock.txt's versions (gpu.sh wants exactly those), regex (which
 # transformers needs at a recent version), and bitsandbytes for the 8-bit AdamW rows with only its CUDA 13
-# and CPU libraries kept: the full wheel (43 MB) would not fit beside the repo in a 64 MiB transfer.
+# and CPU libraries kept: the full wheel (43 MB) would not fit beside the repo in a 64 MiB transfer. For
+# `gpu.sh --adapters`: peft and lycoris-lora (the adapter benchmark's references) and what they need beyond
+# that (accelerate, einops, toml, psutil, PyYAML).
 # The rest (huggingface_hub, tokenizers, safetensors, numpy, pillow, tqdm) is taken from the GPU machine's
 # python: the versions seen there satisfied diffusers and transformers.
 set -euo pipefail
@@ -20,6 +22,8 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 fetch() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
     "${platforms[@]}" -d "$1" "${@:2}"; }
 fetch .whl "$(pin diffusers)" "$(pin transformers)" "$(pin regex)"
+fetch .whl "$(pin peft)" "$(pin lycoris_lora)" "$(pin accelerate)" "$(pin einops)" "$(pin toml)" "$(pin psutil)" \
+    "$(pin PyYAML)"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fetch "$tmp" bitsandbytes

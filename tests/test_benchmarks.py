@@ -99,6 +99,20 @@ def test_gpu_script_runs_only_the_selected_settings_and_models():
     assert bad.returncode == 2 and "nothing selected" in bad.stderr
 
 
+def test_gpu_script_runs_the_adapter_benchmark_with_its_references():
+    """`gpu.sh --adapters`: benchmarks/adapters.py on the lent GPU (with --tiny, on the CPU), lycoris-lora and peft
+    installed beside it as references, so one call on a GPU measures the adapter rows there."""
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--adapters", "--tiny", "--quick", "--threads", "1",
+           "--shapes", "linear", "--algos", "dora,dora_detached"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "CPU, 1 threads" in proc.stdout
+    rows = {line.split("|")[3].strip(): line.split("|") for line in proc.stdout.splitlines()
+            if line.startswith("| linear")}
+    assert set(rows) == {"dora", "dora_detached"}
+    assert float(rows["dora"][7]) > 0 and float(rows["dora_detached"][8]) > 0  # lycoris rebuild; peft
+
+
 def test_gpu_profile_tiny_times_the_adapted_and_bare_unet_and_lists_ops():
     cmd = ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--profile", "--tiny", "--models", "sd1", "--rows", "5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="2"))
