@@ -16,10 +16,12 @@
 # optional: when it cannot be installed the run says so and skips those rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tiny=0
+tiny=0 adapters=0
 for a in "$@"; do [[ $a == --tiny ]] && tiny=1; done
-# the adapter benchmark's references, at requirements-lock.txt's versions, beside lorakit's runtime imports
-[[ ${1:-} == --adapters ]] && export LORAKIT_BENCH_DISTS="peft lycoris_lora accelerate einops toml psutil PyYAML"
+[[ ${1:-} == --adapters ]] && adapters=1
+if [[ $adapters == 1 ]]; then  # the adapter benchmark's references, at requirements-lock.txt's versions
+    export LORAKIT_BENCH_DISTS="peft lycoris_lora accelerate einops toml psutil PyYAML"
+fi
 
 pick_python() {
     if [[ -n ${PYTHON:-} ]]; then echo "$PYTHON"; return; fi
@@ -39,9 +41,9 @@ export PYTHONPATH="$PWD/src:$site${PYTHONPATH:+:$PYTHONPATH}"
 missing=$("$PY" - <<'EOF'
 # lorakit's runtime imports, at the versions requirements-lock.txt pins for diffusers/transformers (their APIs move)
 import importlib.metadata as md
+import os
 import re
 lock = dict(re.match(r"([A-Za-z0-9_.-]+)==(\S+)", l).groups() for l in open("requirements-lock.txt") if "==" in l)
-import os
 exact = {"diffusers", "transformers", "peft", "lycoris_lora"}
 out = []
 extra = os.environ.get("LORAKIT_BENCH_DISTS", "").split()
@@ -64,7 +66,7 @@ if [[ -n $missing ]]; then
             echo "gpu.sh: cannot install $missing (no package registry? put their wheels in .whl/)" >&2; exit 3; }
     fi
 fi
-if [[ ${1:-} == --adapters ]]; then  # no bitsandbytes: it times layers, not optimizers
+if [[ $adapters == 1 ]]; then  # no bitsandbytes: it times layers, not optimizers
     shift
     args=()
     for a in "$@"; do [[ $a == --tiny ]] || args+=("$a"); done

@@ -191,7 +191,7 @@ def times_weight(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def weight_times(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """w @ bᵀ for a frozen w (out, n) and b (r, n): (out, r), as the transpose of a contiguous (r, out)."""
+    """w @ bᵀ for a frozen w (out, n) and b (r, n): (out, r); on the CPU the transpose of a contiguous (r, out)."""
     if w.device.type != "cpu":
         return w @ b.T
     blocks = _row_blocks(w, WEIGHT_TIMES_ROW_BLOCK)

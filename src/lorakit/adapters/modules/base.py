@@ -177,8 +177,8 @@ class AdapterModule(nn.Module):
         positions = self._output_positions(x)
         base = positions * math.prod(self.spec.weight_shape)
         mode = mode or self._choose_mode(x)
-        if mode == "bypass":  # DoRA's bypass needs ‖W + ΔW‖: ΔW built (3B), or for LoRA W·Dᵀ and its grad (2B);
-            norm = self._dora_norm_flops()  # a detached norm has no backward (1B)
+        if mode == "bypass":
+            norm = self._dora_norm_flops()
             # folded: W' built twice (forward, grad-input), the rank-r path twice (the two weight gradients)
             adapter = (2 * self.bypass_flops(positions) + 2 * self.build_flops() if self.folds(x)
                        else 3 * self.bypass_flops(positions))
@@ -186,6 +186,8 @@ class AdapterModule(nn.Module):
         return 3 * base + 3 * self.build_flops()
 
     def _dora_norm_flops(self) -> int:
+        """What DoRA's bypass pays for ‖W + ΔW‖: ΔW built and its backward (3B), or for LoRA W·Dᵀ and its
+        gradient (2B); a detached norm has no backward (1B)."""
         if self.dora_axis is None:
             return 0
         if self.dora_detach_norm:
